@@ -1,0 +1,36 @@
+"""Packaging of qubes-reflink, the file-reflink storage pool driver."""
+
+import pathlib
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+VERSION = (HERE / "version").read_text(encoding="ascii").strip()
+
+setuptools.setup(
+    name="qubes-reflink",
+    version=VERSION,
+    description="Qubes OS storage pool driver snapshotting image files "
+    "with reflinks (btrfs, XFS)",
+    license="LGPL-2.1-or-later",
+    packages=["qubes_reflink"],
+    python_requires=">=3.11",
+    entry_points={
+        "qubes.storage": [
+            "file-reflink = qubes_reflink.pool:ReflinkPool",
+        ],
+        "console_scripts": [
+            "qubes-reflink = qubes_reflink.cli:main",
+        ],
+    },
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-asyncio>=0.23",
+            "hypothesis>=6",
+            "black>=24",
+            "pylint>=3",
+        ],
+        "bench": ["matplotlib>=3.7"],
+    },
+)
