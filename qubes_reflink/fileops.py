@@ -1,0 +1,456 @@
+"""Filesystem primitives: the only module that changes files on disk.
+
+Everything the driver does to a file goes through here: reflink clones
+(FICLONE) with a sparse-copy fallback, atomic publication (temporary name,
+fsync, rename, directory fsync), durable renames, links and removals, and
+loop device capacity updates.  Each primitive logs what it did at INFO, so
+``journalctl -fu qubesd`` shows every file created, cloned, copied, renamed
+or removed.
+
+Files are opened with O_NOFOLLOW and created with O_EXCL: a symbolic link
+planted where the driver expects an image is an error, never followed.
+
+Every mutating system call is a numbered *step* that a test can observe
+through `set_step_hook`, to stop the process right before or after it.
+"""
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+
+log = logging.getLogger("qubes.storage.reflink")
+
+FICLONE = 0x40049409
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
+
+#: errno values by which a filesystem (or a pair of them) declines to clone.
+_NO_CLONE = frozenset(
+    {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+)
+#: errno values by which copy_file_range declines a pair of files.
+_NO_COPY_RANGE = _NO_CLONE | {errno.EBADF, errno.EPERM}
+
+COPY_CHUNK = 64 * 1024**2
+_IMAGE_MODE = 0o600
+
+_step_hook = None  # pylint: disable=invalid-name
+
+
+class SourceChanged(Exception):
+    """The file to copy is no longer the version the caller looked at."""
+
+
+def set_step_hook(hook):
+    """Call ``hook(step, phase, paths)`` around every mutating step.
+
+    `phase` is "before" or "after".  Crash tests use it to kill the process
+    at an exact point.  Returns the previous hook.
+    """
+    global _step_hook  # pylint: disable=global-statement
+    previous, _step_hook = _step_hook, hook
+    return previous
+
+
+@contextlib.contextmanager
+def _step(name, *paths):
+    if _step_hook is not None:
+        _step_hook(name, "before", paths)
+    yield
+    if _step_hook is not None:
+        _step_hook(name, "after", paths)
+
+
+def _open_existing(path, flags=os.O_RDONLY):
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _create(path):
+    """Create `path`, which must not exist yet, as an empty 0600 file."""
+    with _step("create", path):
+        fd = os.open(
+            path,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            _IMAGE_MODE,
+        )
+    log.info("created %s", path)
+    return fd
+
+
+def _fsync(fd, path):
+    with _step("fsync", path):
+        os.fsync(fd)
+
+
+def fsync_dir(path):
+    """Make the entries of directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _fsync(fd, path)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path):
+    """Make the data of file `path` durable."""
+    fd = _open_existing(path)
+    try:
+        _fsync(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _truncate(fd, path, size):
+    with _step("truncate", path):
+        os.ftruncate(fd, size)
+
+
+def _try_clone(src_fd, dst_fd, src, dst):
+    """FICLONE `src` into `dst`; False if this pair of files can't do it."""
+    try:
+        with _step("clone", src, dst):
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as err:
+        if err.errno in _NO_CLONE:
+            return False
+        raise
+    log.info("cloned %s to %s", src, dst)
+    return True
+
+
+def _data_extents(fd, size):
+    """Yield (offset, length) of the data regions of a file; holes skipped."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # only a hole remains
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        offset = end
+
+
+def _copy_range(src_fd, dst_fd, offset, length):
+    """Copy one data region in large chunks; False if the kernel declines."""
+    end = offset + length
+    while offset < end:
+        try:
+            copied = os.copy_file_range(
+                src_fd, dst_fd, min(COPY_CHUNK, end - offset), offset, offset
+            )
+        except OSError as err:
+            if err.errno in _NO_COPY_RANGE:
+                return offset
+            raise
+        if copied == 0:
+            break
+        offset += copied
+    return offset
+
+
+def _write_range(src_fd, dst_fd, offset, end):
+    """Plain read/write of what copy_file_range could not do."""
+    while offset < end:
+        chunk = os.pread(src_fd, min(1024**2, end - offset), offset)
+        if not chunk:
+            break
+        written = os.pwrite(dst_fd, chunk, offset)
+        offset += written
+
+
+def _sparse_copy(src_fd, dst_fd, src, dst):
+    """Copy only the data regions of `src`, so holes stay holes in `dst`.
+
+    A 64 GiB image holding 1 GiB of data costs 1 GiB of I/O.
+    """
+    size = os.fstat(src_fd).st_size
+    with _step("copy", src, dst):
+        for offset, length in _data_extents(src_fd, size):
+            done = _copy_range(src_fd, dst_fd, offset, length)
+            _write_range(src_fd, dst_fd, done, offset + length)
+        os.ftruncate(dst_fd, size)
+    log.info("copied %s to %s (sparse copy, no reflink)", src, dst)
+
+
+def _same_version(stat_a, stat_b):
+    return os.path.samestat(stat_a, stat_b) and (
+        stat_a.st_mtime_ns,
+        stat_a.st_size,
+    ) == (stat_b.st_mtime_ns, stat_b.st_size)
+
+
+def _fill(dst_fd, dst, src, size, expected=None):
+    """Fill the new file `dst` with `src`'s data, then grow it to `size`.
+
+    With `expected` (an os.stat_result), refuse with SourceChanged unless
+    the file opened is still that version.
+    """
+    src_fd = _open_existing(src)
+    try:
+        if expected is not None and not _same_version(
+            os.fstat(src_fd), expected
+        ):
+            raise SourceChanged(src)
+        method = "clone"
+        if not _try_clone(src_fd, dst_fd, src, dst):
+            _sparse_copy(src_fd, dst_fd, src, dst)
+            method = "copy"
+        if size is not None and size > os.fstat(dst_fd).st_size:
+            _truncate(dst_fd, dst, size)
+        return method
+    finally:
+        os.close(src_fd)
+
+
+def _remove_quietly(path):
+    with contextlib.suppress(FileNotFoundError):
+        with _step("unlink", path):
+            os.unlink(path)
+        log.info("removed %s", path)
+
+
+def make_copy(src, dst, size=None):
+    """Create `dst` as a copy (reflink if possible) of `src`; not published.
+
+    For files that are garbage after a crash anyway (export snapshots):
+    no temporary name, no fsync.  Returns "clone" or "copy".
+    """
+    dst_fd = _create(dst)
+    try:
+        return _fill(dst_fd, dst, src, size)
+    except BaseException:
+        _remove_quietly(dst)
+        raise
+    finally:
+        os.close(dst_fd)
+
+
+def make_sparse(path, size):
+    """Create `path` as an empty sparse file of `size` bytes; not published."""
+    fd = _create(path)
+    try:
+        _truncate(fd, path, size)
+    except BaseException:
+        _remove_quietly(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp, dst, fill):
+    """Write `tmp` with `fill(fd)`, fsync it, rename it to `dst`, fsync dir."""
+    fd = _create(tmp)
+    try:
+        result = fill(fd)
+        _fsync(fd, tmp)
+        os.close(fd)
+        fd = None
+        rename(tmp, dst)
+        return result
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def publish_copy(src, dst, tmp, size=None, expected=None):
+    """Atomically make `dst` a durable copy of `src` (reflink if possible).
+
+    The copy is written as `tmp` in the same directory; `dst` appears only
+    complete.  `expected`: see `_fill`.  Returns "clone" or "copy".
+    """
+    return _publish(tmp, dst, lambda fd: _fill(fd, tmp, src, size, expected))
+
+
+def publish_sparse(dst, tmp, size):
+    """Atomically make `dst` a durable empty sparse file of `size` bytes."""
+    _publish(tmp, dst, lambda fd: _truncate(fd, tmp, size))
+
+
+def publish(tmp, dst):
+    """Make the finished file `tmp` durable and atomically rename it to `dst`."""
+    fsync_file(tmp)
+    rename(tmp, dst)
+
+
+def rename(src, dst):
+    """Rename `src` to `dst` (replacing it) and make that durable."""
+    with _step("rename", src, dst):
+        os.rename(src, dst)
+    log.info("renamed %s to %s", src, dst)
+    _fsync_dirs(src, dst)
+
+
+def link(src, dst):
+    """Give the file `src` the second name `dst`, durably; never follows."""
+    with _step("link", src, dst):
+        os.link(src, dst, follow_symlinks=False)
+    log.info("linked %s to %s", src, dst)
+    _fsync_dirs(dst)
+
+
+def remove_files(paths):
+    """Remove `paths` (missing ones are fine) and make that durable.
+
+    Returns the paths actually removed.  Symbolic links are removed as
+    links; their targets are never touched.
+    """
+    removed = []
+    for path in paths:
+        try:
+            with _step("unlink", path):
+                os.unlink(path)
+        except FileNotFoundError:
+            continue
+        log.info("removed %s", path)
+        removed.append(path)
+    _fsync_dirs(*removed)
+    return removed
+
+
+def _fsync_dirs(*paths):
+    for directory in sorted({os.path.dirname(path) for path in paths}):
+        fsync_dir(directory)
+
+
+def grow(path, size):
+    """Grow the file `path` to `size` bytes in place, durably."""
+    fd = _open_existing(path, os.O_WRONLY)
+    try:
+        _truncate(fd, path, size)
+        _fsync(fd, path)
+    finally:
+        os.close(fd)
+    log.info("resized %s to %d bytes", path, size)
+
+
+def make_dirs(path):
+    """Create directory `path` and missing parents; return those created."""
+    created = []
+    missing = path
+    while not os.path.isdir(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
+    for directory in reversed(created):
+        with _step("mkdir", directory):
+            os.mkdir(directory, 0o755)
+        log.info("created directory %s", directory)
+        fsync_dir(os.path.dirname(directory))
+    return list(reversed(created))
+
+
+def remove_empty_dirs(paths):
+    """Remove those of the directories `paths` that are empty, in order."""
+    for directory in paths:
+        try:
+            with _step("rmdir", directory):
+                os.rmdir(directory)
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST):
+                continue
+            raise
+        log.info("removed directory %s", directory)
+        fsync_dir(os.path.dirname(directory))
+
+
+def can_reflink(src_probe, dst_probe):
+    """Whether files can be reflinked from where `src_probe` lies to where
+    `dst_probe` lies, found out by cloning a small throwaway file.
+
+    Both probes are fresh names that this call creates and removes.
+    """
+    src_fd = _create(src_probe)
+    try:
+        os.write(src_fd, b"qubes-reflink probe\n" * 205)
+        dst_fd = _create(dst_probe)
+        try:
+            return _try_clone(src_fd, dst_fd, src_probe, dst_probe)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+        remove_files([src_probe, dst_probe])
+
+
+def same_file(path_a, path_b):
+    """True if both paths name the same inode; False if either is missing."""
+    try:
+        stat_a = os.stat(path_a, follow_symlinks=False)
+        stat_b = os.stat(path_b, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(stat_a, stat_b)
+
+
+def stat_or_none(path):
+    """os.stat of `path` without following links, None if it is missing."""
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def filesystem_usage(path):
+    """(size, used) in bytes of the filesystem holding `path`."""
+    stats = os.statvfs(path)
+    size = stats.f_blocks * stats.f_frsize
+    return size, size - stats.f_bfree * stats.f_frsize
+
+
+def _kernel_dev(encoded):
+    """(major, minor) of a dev_t in the kernel's new encoding."""
+    return (encoded & 0xFFF00) >> 8, (encoded & 0xFF) | (
+        (encoded >> 12) & 0xFFF00
+    )
+
+
+def _refresh_if_backed_by(loop_dev, stat_result):
+    """LOOP_SET_CAPACITY on `loop_dev` if its backing file is that inode."""
+    try:
+        fd = os.open(loop_dev, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        info = bytearray(_LOOP_INFO64.size)
+        try:
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        except OSError:  # not bound to a file
+            return False
+        lo_device, lo_inode = _LOOP_INFO64.unpack(info)[:2]
+        if lo_inode != stat_result.st_ino or _kernel_dev(lo_device) != (
+            os.major(stat_result.st_dev),
+            os.minor(stat_result.st_dev),
+        ):
+            return False
+        fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+        return True
+    finally:
+        os.close(fd)
+
+
+def refresh_loop_devices(path):
+    """Tell every loop device backed by `path` that its size changed.
+
+    A running VM's disk is a loop device over its ``-dirty.img``; after the
+    file grows, LOOP_SET_CAPACITY makes the device (and so the VM) see it.
+    Returns the loop devices updated.
+    """
+    stat_result = os.stat(path)
+    updated = []
+    for name in sorted(os.listdir("/sys/block")):
+        loop_dev = "/dev/" + name
+        if name.startswith("loop") and _refresh_if_backed_by(
+            loop_dev, stat_result
+        ):
+            log.info("updated capacity of %s backed by %s", loop_dev, path)
+            updated.append(loop_dev)
+    return updated

@@ -1,0 +1,311 @@
+"""On-disk naming of a pool's files: the one place that knows file names.
+
+The layout is drop-in compatible with the ``file`` driver and with pools
+of the file-reflink driver that ships with Qubes::
+
+    <dir_path>/<vid>.img                    committed image
+    <dir_path>/<vid>-dirty.img              image attached to the running VM
+    <dir_path>/<vid>.img.<N>@<timestamp>Z   revision N
+    <dir_path>/<vid>.img@<timestamp>Z       revision named the older way
+
+where vid is ``appvms/<vm>/<volume>`` or ``vm-templates/<vm>/<volume>``.
+Every other file the driver makes is ``<vid>.img~<kind>.<token>`` (or
+``<vid>.img~base``): the ``~`` can appear in no volume or VM name, so these
+names can never be taken for an image or a revision, and they still match
+the ``*.img*`` patterns that keep loop devices private to dom0.
+"""
+
+import os
+import re
+import secrets
+from typing import NamedTuple
+
+#: The only VM directory prefixes dom0's udev rules hide loop devices for.
+DIR_PREFIXES = ("appvms", "vm-templates")
+
+_VM_NAME = r"[A-Za-z][A-Za-z0-9_.-]{0,30}"
+_VOLUME_NAME = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}"
+_TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"
+_TOKEN = r"[A-Za-z0-9_-]+"
+
+#: Volume names that would collide with names of other volumes' files.
+RESERVED_SUFFIXES = ("-dirty", "-cow", "-import", "-precache")
+
+#: What a revision id may contain (the host's own restriction).
+REVISION_ID = re.compile(r"[A-Za-z0-9:_.-]{1,64}\Z")
+
+# Kinds of files, as `classify` names them.
+COMMITTED = "committed"
+DIRTY = "dirty"
+REVISION = "revision"
+TEMP = "tmp"
+EXPORT = "export"
+IMPORT = "import"
+SPARE = "spare"
+BASE = "base"
+COW = "cow"
+CORE_LEFTOVER = "core-leftover"
+
+_PATTERNS = (
+    (DIRTY, re.compile(rf"(?P<vol>{_VOLUME_NAME})-dirty\.img\Z")),
+    (COW, re.compile(rf"(?P<vol>{_VOLUME_NAME})-cow\.img.*\Z")),
+    (
+        CORE_LEFTOVER,
+        re.compile(
+            rf"(?P<vol>{_VOLUME_NAME})-(?P<detail>precache|import)\.img\Z"
+        ),
+    ),
+    (COMMITTED, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img\Z")),
+    (
+        REVISION,
+        re.compile(
+            rf"(?P<vol>{_VOLUME_NAME})\.img"
+            rf"(?:\.(?P<number>[0-9]{{1,18}}))?@(?P<ts>{_TIMESTAMP})Z\Z"
+        ),
+    ),
+    (
+        "internal",
+        re.compile(
+            rf"(?P<vol>{_VOLUME_NAME})\.img~"
+            rf"(?P<kind>tmp|export|import|spare)\.(?P<detail>{_TOKEN})\Z"
+        ),
+    ),
+    (BASE, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img~base\Z")),
+)
+
+
+class LayoutError(ValueError):
+    """A name that can't be part of the pool layout; says why."""
+
+
+class Entry(NamedTuple):
+    """A file name of the layout, taken apart."""
+
+    volume: str
+    kind: str
+    detail: str = ""  # revision id, spare key, core leftover kind or token
+
+
+class Revision(NamedTuple):
+    """One revision of a volume, as found on disk."""
+
+    id: str
+    timestamp: str
+    path: str
+    number: int  # 0 for revisions named the older way
+
+
+def classify(filename):
+    """The `Entry` for `filename`, or None if the layout has no such name."""
+    for kind, pattern in _PATTERNS:
+        match = pattern.match(filename)
+        if match is None:
+            continue
+        fields = match.groupdict()
+        if kind == "internal":
+            return Entry(fields["vol"], fields["kind"], fields["detail"])
+        if kind == REVISION:
+            rev_id = fields["number"] or fields["ts"]
+            return Entry(fields["vol"], REVISION, rev_id)
+        return Entry(fields["vol"], kind, fields.get("detail") or "")
+    return None
+
+
+def revision_timestamp(filename):
+    """The timestamp part of a revision's file name."""
+    return filename.rsplit("@", 1)[1][:-1]
+
+
+def check_vid(vid):
+    """Return `vid` if it names a volume this layout can hold, else raise.
+
+    Only ``<prefix>/<vm>/<volume>`` with a known prefix is accepted: that
+    keeps every file under dir_path (no ``..``, no absolute path) and under
+    the patterns that hide loop devices from other qubes.
+    """
+    if not isinstance(vid, str):
+        raise LayoutError(f"volume id {vid!r} is not a string")
+    parts = vid.split("/")
+    hint = (
+        "a volume id is 'appvms/<vm>/<volume>' or "
+        "'vm-templates/<vm>/<volume>', with a Qubes VM name and a volume "
+        "name of letters, digits, '_' and '-'"
+    )
+    shown = vid if len(vid) <= 80 else vid[:77] + "..."
+    if len(parts) != 3:
+        raise LayoutError(f"invalid volume id {shown!r}: {hint}")
+    prefix, vm_name, volume_name = parts
+    if prefix not in DIR_PREFIXES:
+        raise LayoutError(
+            f"invalid volume id {shown!r}: unknown directory {prefix!r} "
+            f"(only {', '.join(DIR_PREFIXES)} keep its loop devices private "
+            "to dom0)"
+        )
+    if not re.fullmatch(_VM_NAME, vm_name):
+        raise LayoutError(f"invalid VM name in volume id {shown!r}: {hint}")
+    if not re.fullmatch(_VOLUME_NAME, volume_name):
+        raise LayoutError(f"invalid volume name in volume id {shown!r}: {hint}")
+    if volume_name.endswith(RESERVED_SUFFIXES):
+        raise LayoutError(
+            f"invalid volume name in volume id {shown!r}: names ending in "
+            f"{', '.join(RESERVED_SUFFIXES)} would collide with the files of "
+            "another volume"
+        )
+    return vid
+
+
+def make_vid(dir_prefix, vm_name, volume_name):
+    """The conventional vid of a VM's volume, checked."""
+    return check_vid(f"{dir_prefix}/{vm_name}/{volume_name}")
+
+
+def check_revision_id(revision):
+    """Return `revision` if it has the form of a revision id, else raise."""
+    if not isinstance(revision, str) or not REVISION_ID.match(revision):
+        raise LayoutError(
+            f"invalid revision id {revision!r}: revision ids consist of "
+            "letters, digits and ':-_.'; list them with "
+            "'qvm-volume info VM:VOLUME revisions'"
+        )
+    return revision
+
+
+def spare_key(stat_result):
+    """Identity of a committed image, as a spare's name records it.
+
+    Committed images are never modified in place, so inode, mtime and size
+    together identify one committed version of the data.
+    """
+    return (
+        f"{stat_result.st_ino}-{stat_result.st_mtime_ns}-"
+        f"{stat_result.st_size}"
+    )
+
+
+def probe_path(directory):
+    """A fresh name for a throwaway file that tests what `directory` can do."""
+    return os.path.join(
+        directory, f".qubes-reflink-probe.img~{TEMP}.{secrets.token_hex(8)}"
+    )
+
+
+def volume_dirs(pool_dir):
+    """The VM directories of a pool, as (dir_prefix, vm_name, path)."""
+    for prefix in DIR_PREFIXES:
+        top = os.path.join(pool_dir, prefix)
+        try:
+            names = sorted(os.listdir(top))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            path = os.path.join(top, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                yield prefix, name, path
+
+
+class Listing(NamedTuple):
+    """What one volume has on disk, from one directory listing."""
+
+    committed: bool
+    dirty: bool
+    base: bool
+    revisions: list  # of Revision, oldest first
+    spares: dict  # spare key -> path
+    temps: list
+    exports: list
+    imports: list
+
+
+class VolumeFiles:
+    """The paths of one volume's files below a pool directory."""
+
+    def __init__(self, pool_dir, vid):
+        self.vid = check_vid(vid)
+        prefix, vm_name, self.volume = self.vid.split("/")
+        self.pool_dir = pool_dir
+        self.directory = os.path.join(pool_dir, prefix, vm_name)
+        stem = os.path.join(self.directory, self.volume)
+        #: The committed image.
+        self.committed = stem + ".img"
+        #: The image attached to the running VM.
+        self.dirty = stem + "-dirty.img"
+        #: Hard link to the source image a running snapshot was taken from.
+        self.base = self.committed + "~" + BASE
+
+    def revision(self, number, timestamp):
+        """Path of numbered revision `number` taken at `timestamp`."""
+        return f"{self.committed}.{number}@{timestamp}Z"
+
+    def _internal(self, kind, detail=None):
+        return f"{self.committed}~{kind}.{detail or secrets.token_hex(8)}"
+
+    def temp(self):
+        """A fresh name for a file being written before it is published."""
+        return self._internal(TEMP)
+
+    def export(self):
+        """A fresh name for an export snapshot."""
+        return self._internal(EXPORT)
+
+    def import_target(self):
+        """A fresh name for the file an import writes into."""
+        return self._internal(IMPORT)
+
+    def spare(self, key):
+        """Name of the prepared copy of the committed image `key` names."""
+        return self._internal(SPARE, key)
+
+    def owns(self, path):
+        """True if `path` is one of this volume's internal files."""
+        entry = classify(os.path.basename(path))
+        return (
+            os.path.dirname(path) == self.directory
+            and entry is not None
+            and entry.volume == self.volume
+        )
+
+    def scan(self):
+        """List this volume's files, classified, in one directory read."""
+        found = {
+            COMMITTED: False,
+            DIRTY: False,
+            BASE: False,
+            REVISION: [],
+            SPARE: {},
+            TEMP: [],
+            EXPORT: [],
+            IMPORT: [],
+        }
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            entry = classify(name)
+            if entry is None or entry.volume != self.volume:
+                continue
+            path = os.path.join(self.directory, name)
+            if entry.kind in (COMMITTED, DIRTY, BASE):
+                found[entry.kind] = True
+            elif entry.kind == REVISION:
+                found[REVISION].append(_revision(entry.detail, name, path))
+            elif entry.kind == SPARE:
+                found[SPARE][entry.detail] = path
+            elif entry.kind in (TEMP, EXPORT, IMPORT):
+                found[entry.kind].append(path)
+        found[REVISION].sort(key=lambda rev: (rev.timestamp, rev.number))
+        return Listing(
+            committed=found[COMMITTED],
+            dirty=found[DIRTY],
+            base=found[BASE],
+            revisions=found[REVISION],
+            spares=found[SPARE],
+            temps=found[TEMP],
+            exports=found[EXPORT],
+            imports=found[IMPORT],
+        )
+
+
+def _revision(rev_id, name, path):
+    number = int(rev_id) if rev_id.isdigit() else 0
+    return Revision(rev_id, revision_timestamp(name), path, number)

@@ -1,0 +1,192 @@
+"""The file-reflink pool: options, set-up, and the volumes it holds."""
+
+import asyncio
+import functools
+import importlib.metadata
+import os
+
+from . import fileops, layout, options
+from .errors import storage_error
+from .host import Pool, StoragePoolException
+from .volume import LiveState, ReflinkVolume
+
+DEFAULT_DRIVER_NAME = "file-reflink"
+
+NO_REFLINK_MESSAGE = (
+    "The filesystem of {dir_path!r} does not support reflinks (btrfs and "
+    "XFS do). Without them every VM start, stop and clone copies whole "
+    "images: slow, and each copy takes its full space on disk. To use it "
+    "anyway, add the pool with the option '-o setup_check=no'."
+)
+
+
+@functools.cache
+def driver_name():
+    """The name under which this installation registered the driver.
+
+    ``file-reflink`` normally; a dom0 package may register it under another
+    name beside the core's own file-reflink (see README), and qubes.xml must
+    then record that name.
+    """
+    target = f"{ReflinkPool.__module__}:{ReflinkPool.__qualname__}"
+    for entry_point in importlib.metadata.entry_points(group="qubes.storage"):
+        if entry_point.value == target:
+            return entry_point.name
+    return DEFAULT_DRIVER_NAME
+
+
+class ReflinkPool(Pool):
+    """A directory on a reflink filesystem holding VM images as files."""
+
+    def __init__(
+        self,
+        *,
+        name,
+        dir_path,
+        revisions_to_keep=1,
+        setup_check=True,
+        ephemeral_volatile=False,
+    ):
+        # pylint: disable=too-many-arguments
+        super().__init__(
+            name=name,
+            revisions_to_keep=options.parse_revisions_to_keep(
+                revisions_to_keep
+            ),
+            ephemeral_volatile=options.parse_bool(
+                ephemeral_volatile, "ephemeral_volatile"
+            ),
+        )
+        self.dir_path = options.parse_dir_path(dir_path)
+        self.setup_check = options.parse_bool(setup_check, "setup_check")
+        #: dir_path with symbolic links resolved: where the files really are
+        self.root = os.path.realpath(self.dir_path)
+        self._volumes = {}
+        self._live = {}
+
+    @property
+    def driver(self):
+        """The driver name qubes.xml records for this pool."""
+        return driver_name()
+
+    @property
+    def config(self):
+        """The pool's settings as qubes.xml stores them."""
+        return {
+            "name": self.name,
+            "driver": self.driver,
+            "dir_path": self.dir_path,
+            "revisions_to_keep": self.revisions_to_keep,
+            "setup_check": self.setup_check,
+            "ephemeral_volatile": self.ephemeral_volatile,
+        }
+
+    async def setup(self):
+        """Create the pool directory and check that it can reflink."""
+        try:
+            await asyncio.to_thread(self._setup)
+        except OSError as err:
+            raise storage_error(f"Setting up pool {self.name}", err) from err
+        return self
+
+    def _setup(self):
+        if os.path.lexists(self.dir_path) and not os.path.isdir(self.dir_path):
+            raise StoragePoolException(
+                f"dir_path {self.dir_path!r} exists and is not a directory: "
+                "give the path of a directory (it is created if missing)"
+            )
+        created = fileops.make_dirs(self.dir_path)
+        try:
+            self.root = os.path.realpath(self.dir_path)
+            probes = (
+                layout.probe_path(self.root),
+                layout.probe_path(self.root),
+            )
+            if not fileops.can_reflink(*probes) and self.setup_check:
+                raise StoragePoolException(
+                    NO_REFLINK_MESSAGE.format(dir_path=self.dir_path)
+                )
+            for prefix in layout.DIR_PREFIXES:
+                fileops.make_dirs(os.path.join(self.root, prefix))
+        except BaseException:
+            fileops.remove_empty_dirs(reversed(created))
+            raise
+
+    async def destroy(self):
+        """Forget the pool; its directory and any files stay on disk."""
+        await self.wait_background()
+
+    async def wait_background(self):
+        """Wait until no volume of this pool is preparing a spare."""
+        tasks = [s.background for s in self._live.values() if s.background]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def init_volume(self, vm, volume_config):
+        """The Volume object for a VM's volume; touches nothing on disk."""
+        prefix = getattr(vm, "dir_path_prefix", None)
+        if prefix not in layout.DIR_PREFIXES:
+            raise StoragePoolException(
+                f"Refusing volume {volume_config.get('name')!r} of VM "
+                f"{getattr(vm, 'name', vm)!r}: its directory prefix "
+                f"{prefix!r} is none of {', '.join(layout.DIR_PREFIXES)}, "
+                "so its loop devices would not be hidden from other qubes"
+            )
+        config = dict(volume_config)
+        config.setdefault("revisions_to_keep", self.revisions_to_keep)
+        try:
+            if not config.get("vid"):
+                config["vid"] = layout.make_vid(prefix, vm.name, config["name"])
+            layout.check_vid(config["vid"])
+        except layout.LayoutError as err:
+            raise StoragePoolException(str(err)) from None
+        config["pool"] = self
+        volume = ReflinkVolume(**config)
+        self._volumes[volume.vid] = volume
+        return volume
+
+    def live_state(self, vid):
+        """The in-memory state shared by all Volume objects of `vid`."""
+        return self._live.setdefault(vid, LiveState())
+
+    def forget_volume(self, vid):
+        """Drop a removed volume from list_volumes()."""
+        self._volumes.pop(vid, None)
+
+    def list_volumes(self):
+        """The volumes initialised in this pool."""
+        return list(self._volumes.values())
+
+    def get_volume(self, vid):
+        """The volume `vid`; KeyError if this pool has none of that id."""
+        return self._volumes[vid]
+
+    @property
+    def size(self):
+        """Size in bytes of the filesystem holding the pool."""
+        try:
+            return fileops.filesystem_usage(self.root)[0]
+        except OSError:
+            return None
+
+    @property
+    def usage(self):
+        """Bytes in use on the filesystem holding the pool."""
+        try:
+            return fileops.filesystem_usage(self.root)[1]
+        except OSError:
+            return None
+
+    def included_in(self, app):
+        """The pool whose directory contains this one's, if any."""
+        containing = []
+        for pool in app.pools.values():
+            other = getattr(pool, "dir_path", None)
+            if pool is self or not isinstance(other, str):
+                continue
+            other = os.path.realpath(other)
+            if os.path.commonpath([other, self.root]) == other:
+                containing.append((len(other), pool))
+        return (
+            max(containing, key=lambda item: item[0])[1] if containing else None
+        )

@@ -1,0 +1,94 @@
+"""Fixtures: real btrfs, XFS and ext4 filesystems on loop devices."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from loopfs import loop_filesystem, unavailable_reason
+
+REFLINK_FILESYSTEMS = ("btrfs", "xfs")
+ALL_FILESYSTEMS = ("btrfs", "xfs", "ext4")
+
+
+@pytest.fixture(scope="session")
+def mounts():
+    """Mount points of one filesystem of each type, made on first use."""
+    with contextlib.ExitStack() as stack:
+        made = {}
+
+        def get(fstype):
+            reason = unavailable_reason(fstype)
+            if reason:
+                pytest.skip(reason)
+            if fstype not in made:
+                made[fstype] = stack.enter_context(loop_filesystem(fstype))
+            return made[fstype]
+
+        yield get
+
+
+def _fresh_dir(mounts, fstype):
+    """A new empty directory on the session's `fstype` filesystem."""
+    return tempfile.mkdtemp(prefix="t-", dir=mounts(fstype))
+
+
+@pytest.fixture
+def fs_dir(mounts, request):
+    """Directory on the filesystem named by the test's `fstype` param."""
+    path = _fresh_dir(mounts, request.param)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=REFLINK_FILESYSTEMS)
+def reflink_dir(mounts, request):
+    """A fresh directory on btrfs, then on XFS."""
+    path = _fresh_dir(mounts, request.param)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=ALL_FILESYSTEMS)
+def any_dir(mounts, request):
+    """A fresh directory on btrfs, XFS and ext4 (no reflinks) in turn."""
+    path = _fresh_dir(mounts, request.param)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def btrfs_dir(mounts):
+    path = _fresh_dir(mounts, "btrfs")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def xfs_dir(mounts):
+    path = _fresh_dir(mounts, "xfs")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ext4_dir(mounts):
+    path = _fresh_dir(mounts, "ext4")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def fstype_of(path):
+    """The filesystem type of `path`, from /proc/self/mounts."""
+    best = ("", "")
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="ascii") as mounts_file:
+        for line in mounts_file:
+            _dev, mnt, fstype = line.split()[:3]
+            if (real + "/").startswith(mnt.rstrip("/") + "/") and len(
+                mnt
+            ) > len(best[0]):
+                best = (mnt, fstype)
+    return best[1]
