@@ -1,0 +1,82 @@
+"""Shared test helpers: VMs as the host describes them, and volume sets."""
+
+import os
+
+from qubes_reflink import ReflinkPool
+
+MIB = 1024**2
+
+
+class FakeVM:
+    """What init_volume reads of a VM: its name and directory prefix."""
+
+    def __init__(self, name, dir_path_prefix="appvms"):
+        self.name = name
+        self.dir_path_prefix = dir_path_prefix
+
+
+async def new_pool(directory, **options):
+    """A set-up pool in `directory`/pool (options as qvm-pool passes them)."""
+    options.setdefault("name", "test-pool")
+    pool = ReflinkPool(dir_path=os.path.join(directory, "pool"), **options)
+    await pool.setup()
+    return pool
+
+
+def origin(pool, vm, name="private", size=MIB, **config):
+    """An origin volume (private, template root): committed at stop."""
+    return pool.init_volume(
+        vm,
+        {
+            "name": name,
+            "size": size,
+            "save_on_stop": True,
+            "rw": True,
+            **config,
+        },
+    )
+
+
+def snapshot(pool, vm, source, name="root", **config):
+    """A snapshot volume (AppVM root): fresh copy of `source` at start."""
+    return pool.init_volume(
+        vm,
+        {
+            "name": name,
+            "size": source.size,
+            "snap_on_start": True,
+            "source": source,
+            "rw": True,
+            **config,
+        },
+    )
+
+
+def volatile(pool, vm, name="volatile", size=MIB, **config):
+    """A volatile volume: empty at each start."""
+    return pool.init_volume(
+        vm, {"name": name, "size": size, "rw": True, **config}
+    )
+
+
+def write_image(path, data, offset=0):
+    """Write `data` into an image file as a VM would."""
+    with open(path, "r+b") as image:
+        image.seek(offset)
+        image.write(data)
+
+
+def read_image(path, length, offset=0):
+    """Read `length` bytes of an image file."""
+    with open(path, "rb") as image:
+        image.seek(offset)
+        return image.read(length)
+
+
+def tree(directory):
+    """Relative paths of all files below `directory`, sorted."""
+    found = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            found.append(os.path.relpath(os.path.join(root, name), directory))
+    return sorted(found)
