@@ -319,7 +319,10 @@ def remove_files(paths):
 
 def _fsync_dirs(*paths):
     for directory in sorted({os.path.dirname(path) for path in paths}):
-        fsync_dir(directory)
+        # a directory removed meanwhile (the last volume of a VM going away
+        # concurrently) has no entries left to make durable
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(directory)
 
 
 def grow(path, size):
@@ -340,12 +343,19 @@ def make_dirs(path):
     while not os.path.isdir(missing):
         created.append(missing)
         missing = os.path.dirname(missing)
+    made = []
     for directory in reversed(created):
-        with _step("mkdir", directory):
-            os.mkdir(directory, 0o755)
+        try:
+            with _step("mkdir", directory):
+                os.mkdir(directory, 0o755)
+        except FileExistsError:
+            if os.path.isdir(directory):  # made meanwhile by another volume
+                continue
+            raise
         log.info("created directory %s", directory)
         fsync_dir(os.path.dirname(directory))
-    return list(reversed(created))
+        made.append(directory)
+    return made
 
 
 def remove_empty_dirs(paths):
@@ -454,3 +464,52 @@ def refresh_loop_devices(path):
             log.info("updated capacity of %s backed by %s", loop_dev, path)
             updated.append(loop_dev)
     return updated
+
+
+def set_image_mode(path):
+    """Give the image `path` the driver's mode 0600, durably; never follows
+    a symbolic link.  Returns the previous mode bits."""
+    fd = _open_existing(path)
+    try:
+        old = os.fstat(fd).st_mode & 0o7777
+        with _step("chmod", path):
+            os.fchmod(fd, _IMAGE_MODE)
+        _fsync(fd, path)
+    finally:
+        os.close(fd)
+    log.info("changed mode of %s from %04o to %04o", path, old, _IMAGE_MODE)
+    return old
+
+
+def _write_all(fd, data, like):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    if like is not None:
+        os.fchown(fd, like.st_uid, like.st_gid)
+        os.fchmod(fd, like.st_mode & 0o7777)
+
+
+def write_file(path, data, tmp, like=None, replace=True):
+    """Atomically make `path` a durable file holding the bytes `data`.
+
+    Written and fsynced as `tmp` first; `like` (an os.stat_result) gives the
+    mode and owner to keep, e.g. those of the file being replaced.  With
+    `replace=False` an existing `path` is an error (FileExistsError), never
+    overwritten.
+    """
+    fd = _create(tmp)
+    try:
+        _write_all(fd, data, like)
+        _fsync(fd, tmp)
+        os.close(fd)
+        fd = None
+        if replace:
+            rename(tmp, path)
+        else:
+            link(tmp, path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if not replace or os.path.lexists(tmp):
+            _remove_quietly(tmp)

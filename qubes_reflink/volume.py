@@ -25,6 +25,12 @@ from .host import BlockDevice, StoragePoolException, Volume, isodate
 
 log = logging.getLogger("qubes.storage.reflink")
 
+#: Seconds a snapshot volume waits after its stop before preparing its next
+#: spare.  Disposable VMs are removed right after they stop; an operation
+#: arriving within this grace period cancels the spare instead of waiting
+#: for a clone that would be thrown away.
+SNAPSHOT_SPARE_DELAY = 3.0
+
 
 class LiveState:
     """What only this qubesd process knows about a vid, shared by every
@@ -37,6 +43,7 @@ class LiveState:
         self.exports = set()
         self.import_path = None
         self.background = None
+        self.in_grace = False
 
 
 def _locked(method):
@@ -155,19 +162,26 @@ class ReflinkVolume(Volume):
             raise storage_error(f"{action} of volume {self.vid}", err) from err
 
     async def settle(self):
-        """Wait until background work on this volume has finished."""
+        """Wait until background work on this volume has finished; cancel
+        it instead if it is still in its grace period (nothing done yet)."""
         task = self._live.background
         if task is not None and not task.done():
+            if self._live.in_grace:
+                task.cancel()
             await asyncio.wait([task])
 
-    def _prepare_spare_later(self):
+    def _prepare_spare_later(self, delay=0.0):
         """After the current operation, make the copy the next start takes."""
         if self._live.background is None or self._live.background.done():
+            self._live.in_grace = bool(delay)
             self._live.background = asyncio.get_running_loop().create_task(
-                self._prepare_spare_task()
+                self._prepare_spare_task(delay)
             )
 
-    async def _prepare_spare_task(self):
+    async def _prepare_spare_task(self, delay):
+        if delay:
+            await asyncio.sleep(delay)
+            self._live.in_grace = False
         async with self._lock:
             try:
                 await asyncio.to_thread(self._prepare_spare)
@@ -406,7 +420,9 @@ class ReflinkVolume(Volume):
         """
         prepare = await self._run("Stopping", self._stop)
         if prepare:
-            self._prepare_spare_later()
+            self._prepare_spare_later(
+                SNAPSHOT_SPARE_DELAY if not self.save_on_stop else 0.0
+            )
         return self
 
     def _stop(self):

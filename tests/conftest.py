@@ -9,8 +9,18 @@ import pytest
 
 from loopfs import loop_filesystem, unavailable_reason
 
+from qubes_reflink import volume
+
 REFLINK_FILESYSTEMS = ("btrfs", "xfs")
 ALL_FILESYSTEMS = ("btrfs", "xfs", "ext4")
+
+
+@pytest.fixture(autouse=True)
+def no_spare_grace(monkeypatch):
+    """Snapshot volumes prepare their spare right after stop in tests, so
+    `pool.wait_background()` need not sit out the grace period meant for
+    disposable VMs (tests of that period set it back)."""
+    monkeypatch.setattr(volume, "SNAPSHOT_SPARE_DELAY", 0.0)
 
 
 @pytest.fixture(scope="session")
