@@ -293,7 +293,11 @@ class VolumeFiles:
                 found[SPARE][entry.detail] = path
             elif entry.kind in (TEMP, EXPORT, IMPORT):
                 found[entry.kind].append(path)
-        found[REVISION].sort(key=lambda rev: (rev.timestamp, rev.number))
+        # revisions named the older way predate the numbered ones; numbers
+        # give the order of retirement, as the core's driver orders them
+        found[REVISION].sort(
+            key=lambda rev: (rev.number > 0, rev.number, rev.timestamp)
+        )
         return Listing(
             committed=found[COMMITTED],
             dirty=found[DIRTY],
@@ -309,3 +313,52 @@ class VolumeFiles:
 def _revision(rev_id, name, path):
     number = int(rev_id) if rev_id.isdigit() else 0
     return Revision(rev_id, revision_timestamp(name), path, number)
+
+
+# -- names outside pool directories (used by the qubes-reflink tool) --------
+
+#: Suffix of the backups of qubes.xml that `qubes-reflink migrate` writes.
+XML_BACKUP_SUFFIX = ".qubes-reflink-backup"
+_XML_BACKUP_STAMP = re.compile(
+    r"\.(\d{8}T\d{6})" + re.escape(XML_BACKUP_SUFFIX)
+)
+#: What the host names its per-volume state files in /var/run/qubes (R4.2+).
+VOLUME_STATE_PREFIX = "qubes-volume-state-"
+
+
+def xml_backup(xml_path, stamp):
+    """Backup name of `xml_path` for `stamp` (``YYYYmmddTHHMMSS``)."""
+    return f"{xml_path}.{stamp}{XML_BACKUP_SUFFIX}"
+
+
+def xml_backups(xml_path):
+    """The existing backups of `xml_path`, oldest first."""
+    directory, base = os.path.split(os.path.abspath(xml_path))
+    found = []
+    for name in os.listdir(directory):
+        rest = name[len(base) :] if name.startswith(base) else ""
+        if _XML_BACKUP_STAMP.fullmatch(rest):
+            found.append(os.path.join(directory, name))
+    return sorted(found)
+
+
+def xml_temp(xml_path):
+    """A fresh temporary name beside `xml_path`, for an atomic rewrite."""
+    directory, base = os.path.split(os.path.abspath(xml_path))
+    return os.path.join(directory, f".{base}~{TEMP}.{secrets.token_hex(8)}")
+
+
+def volume_state_prefix(pool_name):
+    """Start of the names of the host's state files of `pool_name`'s
+    volumes: one exists while such a volume is in use."""
+    return f"{VOLUME_STATE_PREFIX}{pool_name}:"
+
+
+def volume_state_vid(pool_name, filename):
+    """The vid a state file of `pool_name` is about, or None if it is not
+    one (``-`` is doubled and ``/`` written as ``-`` in these names)."""
+    prefix = volume_state_prefix(pool_name)
+    if not filename.startswith(prefix):
+        return None
+    escaped = filename[len(prefix) :]
+    return re.sub("--|-", lambda m: "-" if m[0] == "--" else "/", escaped)
