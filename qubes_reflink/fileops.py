@@ -36,6 +36,7 @@ _NO_CLONE = frozenset(
 _NO_COPY_RANGE = _NO_CLONE | {errno.EBADF, errno.EPERM}
 
 COPY_CHUNK = 64 * 1024**2
+WRITE_BUFFER = 1024**2
 _IMAGE_MODE = 0o600
 
 _step_hook = None  # pylint: disable=invalid-name
@@ -155,14 +156,21 @@ def _copy_range(src_fd, dst_fd, offset, length):
     return offset
 
 
-def _write_range(src_fd, dst_fd, offset, end):
-    """Plain read/write of what copy_file_range could not do."""
+def _write_range(src_fd, dst_fd, offset, end, buffer):
+    """Plain read/write of what copy_file_range could not do (another
+    filesystem), through one reused `buffer` (a memoryview): a new bytes
+    object per read costs an mmap and page faults each time, which made
+    this half as fast as ``cp``."""
     while offset < end:
-        chunk = os.pread(src_fd, min(1024**2, end - offset), offset)
-        if not chunk:
+        count = os.preadv(
+            src_fd, [buffer[: min(len(buffer), end - offset)]], offset
+        )
+        if not count:
             break
-        written = os.pwrite(dst_fd, chunk, offset)
-        offset += written
+        done = 0
+        while done < count:
+            done += os.pwrite(dst_fd, buffer[done:count], offset + done)
+        offset += count
 
 
 def _sparse_copy(src_fd, dst_fd, src, dst):
@@ -171,10 +179,11 @@ def _sparse_copy(src_fd, dst_fd, src, dst):
     A 64 GiB image holding 1 GiB of data costs 1 GiB of I/O.
     """
     size = os.fstat(src_fd).st_size
+    buffer = memoryview(bytearray(WRITE_BUFFER))
     with _step("copy", src, dst):
         for offset, length in _data_extents(src_fd, size):
             done = _copy_range(src_fd, dst_fd, offset, length)
-            _write_range(src_fd, dst_fd, done, offset + length)
+            _write_range(src_fd, dst_fd, done, offset + length, buffer)
         os.ftruncate(dst_fd, size)
     log.info("copied %s to %s (sparse copy, no reflink)", src, dst)
 
@@ -290,12 +299,18 @@ def rename(src, dst):
     _fsync_dirs(src, dst)
 
 
-def link(src, dst):
-    """Give the file `src` the second name `dst`, durably; never follows."""
+def link(src, dst, durable=True):
+    """Give the file `src` the second name `dst`; never follows.
+
+    With ``durable=False`` the directory is not fsynced: for a caller whose
+    next step is a durable `rename` in the same directory, whose directory
+    fsync makes this link durable too (one fsync less on a start or stop).
+    """
     with _step("link", src, dst):
         os.link(src, dst, follow_symlinks=False)
     log.info("linked %s to %s", src, dst)
-    _fsync_dirs(dst)
+    if durable:
+        _fsync_dirs(dst)
 
 
 def remove_files(paths):

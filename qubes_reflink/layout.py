@@ -320,15 +320,17 @@ def _revision(rev_id, name, path):
 #: Suffix of the backups of qubes.xml that `qubes-reflink migrate` writes.
 XML_BACKUP_SUFFIX = ".qubes-reflink-backup"
 _XML_BACKUP_STAMP = re.compile(
-    r"\.(\d{8}T\d{6})" + re.escape(XML_BACKUP_SUFFIX)
+    r"\.(\d{8}T\d{6})(?:-(\d{1,6}))?" + re.escape(XML_BACKUP_SUFFIX)
 )
 #: What the host names its per-volume state files in /var/run/qubes (R4.2+).
 VOLUME_STATE_PREFIX = "qubes-volume-state-"
 
 
-def xml_backup(xml_path, stamp):
-    """Backup name of `xml_path` for `stamp` (``YYYYmmddTHHMMSS``)."""
-    return f"{xml_path}.{stamp}{XML_BACKUP_SUFFIX}"
+def xml_backup(xml_path, stamp, number=0):
+    """Backup name of `xml_path` for `stamp` (``YYYYmmddTHHMMSS``); the
+    `number`-th one of that second, when several are made in one."""
+    extra = f"-{number}" if number else ""
+    return f"{xml_path}.{stamp}{extra}{XML_BACKUP_SUFFIX}"
 
 
 def xml_backups(xml_path):
@@ -337,9 +339,11 @@ def xml_backups(xml_path):
     found = []
     for name in os.listdir(directory):
         rest = name[len(base) :] if name.startswith(base) else ""
-        if _XML_BACKUP_STAMP.fullmatch(rest):
-            found.append(os.path.join(directory, name))
-    return sorted(found)
+        match = _XML_BACKUP_STAMP.fullmatch(rest)
+        if match:
+            order = (match[1], int(match[2] or 0))
+            found.append((order, os.path.join(directory, name)))
+    return [path for _order, path in sorted(found)]
 
 
 def xml_temp(xml_path):

@@ -55,13 +55,17 @@ def parse_revisions_to_keep(value, option="revisions_to_keep"):
     return number
 
 
+#: The largest size a file can have (off_t); no image can be larger.
+MAX_SIZE = 2**63 - 1
+
+
 def parse_size(value, what="size"):
-    """A size in bytes: a whole number, 0 or more."""
+    """A size in bytes: a whole number, 0 or more, at most MAX_SIZE."""
     number = _parse_int(value)
-    if number is None or number < 0:
+    if number is None or number < 0 or number > MAX_SIZE:
         raise StoragePoolException(
             f"Invalid {what} {value!r}: give a whole number of bytes "
-            "(0 or more), for example 10737418240 for 10 GiB"
+            f"(0 to {MAX_SIZE}), for example 10737418240 for 10 GiB"
         )
     return number
 

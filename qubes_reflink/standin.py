@@ -22,6 +22,10 @@ class StoragePoolException(QubesException):
     """A storage operation failed; the message is shown to the user."""
 
 
+class QubesValueError(QubesException, ValueError):
+    """A setting was given a value it can't take."""
+
+
 def isodate(seconds):
     """UTC ISO-8601 timestamp of `seconds`, without an offset suffix."""
     moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
@@ -49,6 +53,44 @@ class BlockDevice:
         self.devtype = devtype
 
 
+class VolumesCollection:
+    """``pool.volumes`` as the host offers it: iterating yields Volume
+    objects (not vids); ``[...]`` and ``in`` take a vid or a Volume of
+    this pool; ``keys()`` lists vids.  It is no dict: no ``len()``, no
+    ``items()``, no equality with a dict."""
+
+    def __init__(self, pool):
+        self._pool = pool
+
+    def _vid_of(self, item):
+        if isinstance(item, Volume):
+            if item.pool != self._pool:
+                raise KeyError(item)
+            return item.vid
+        return item
+
+    def __getitem__(self, item):
+        return self._pool.get_volume(self._vid_of(item))
+
+    def __contains__(self, item):
+        try:
+            self[item]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(self._pool.list_volumes())
+
+    def keys(self):
+        """The vids of the pool's volumes."""
+        return [volume.vid for volume in self]
+
+    def values(self):
+        """The pool's volumes."""
+        return list(self)
+
+
 class Pool:
     """Host base class of a storage pool."""
 
@@ -72,8 +114,8 @@ class Pool:
 
     @property
     def volumes(self):
-        """Volumes of this pool by vid, as the host's collection offers."""
-        return {volume.vid: volume for volume in self.list_volumes()}
+        """The pool's volumes, as the host's collection offers them."""
+        return VolumesCollection(self)
 
     def list_volumes(self):
         """Overridden by the driver."""
@@ -129,6 +171,11 @@ class Volume:
             raise StoragePoolException(
                 f"source specified on {name!r} but no snap_on_start set"
             )
+        # the host asserts both: a snapshot's source lies in the same pool
+        assert isinstance(pool, Pool), pool
+        assert source is None or (
+            isinstance(source, Volume) and source.pool == pool
+        ), f"source of {name!r} is not a volume of pool {pool}"
         self.name = str(name)
         self.pool = pool
         self.vid = vid
@@ -163,14 +210,33 @@ class Volume:
 
         return wrapper
 
+    def _can_be_ephemeral(self):
+        """Only writable volatile volumes in dom0 can have a throwaway key."""
+        return not (
+            self.snap_on_start
+            or self.save_on_stop
+            or self.domain is not None
+            or not self.rw
+        )
+
     @property
     def ephemeral(self):
         """Whether the host encrypts this volatile volume with a throwaway key."""
         if self._ephemeral is not None:
             return self._ephemeral
-        if self.snap_on_start or self.save_on_stop or not self.rw:
+        if not self._can_be_ephemeral():
             return False
         return self.pool.ephemeral_volatile
+
+    @ephemeral.setter
+    def ephemeral(self, value):
+        """``qvm-volume config VM:volatile ephemeral ...``."""
+        if value and not self._can_be_ephemeral():
+            raise QubesValueError(
+                f"Volume {self.name!r} can't be ephemeral: only a writable "
+                "volatile volume in dom0 can"
+            )
+        self._ephemeral = bool(value)
 
     @property
     def snapshots_disabled(self):

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import stat
 
 from . import fileops, layout, options
 from .errors import storage_error
@@ -157,9 +158,22 @@ class ReflinkVolume(Volume):
         OS errors become StoragePoolException with a hint what to do.
         """
         try:
-            return await asyncio.to_thread(func, *args)
+            return await asyncio.to_thread(self._in_pool, func, *args)
         except OSError as err:
             raise storage_error(f"{action} of volume {self.vid}", err) from err
+
+    def _in_pool(self, func, *args):
+        """Run `func` unless a directory of the volume (or of its source)
+        is reached through a symbolic link: then its files would lie
+        outside the pool, and the driver never follows a link out of it."""
+        for files in (self._files, self._start_files()):
+            if os.path.realpath(files.directory) != files.directory:
+                raise StoragePoolException(
+                    f"Refusing to touch volume {self.vid}: {files.directory} "
+                    "is (or lies below) a symbolic link, so it leads out of "
+                    f"the pool directory {self.pool.root}; remove the link"
+                )
+        return func(*args)
 
     async def settle(self):
         """Wait until background work on this volume has finished; cancel
@@ -184,7 +198,7 @@ class ReflinkVolume(Volume):
             self._live.in_grace = False
         async with self._lock:
             try:
-                await asyncio.to_thread(self._prepare_spare)
+                await asyncio.to_thread(self._in_pool, self._prepare_spare)
             except Exception:  # pylint: disable=broad-exception-caught
                 # A spare only saves time; the next start will clone.
                 log.warning("could not prepare a spare of %s", self.vid)
@@ -213,6 +227,7 @@ class ReflinkVolume(Volume):
     def _take_spare(self, files, key):
         """Rename the spare of version `key` found in `files`' directory to
         this volume's running image; False if there is none."""
+        _check_own_image(files.spare(key))
         try:
             fileops.rename(files.spare(key), self._files.dirty)
         except FileNotFoundError:
@@ -279,13 +294,16 @@ class ReflinkVolume(Volume):
         ):
             number = max((r.number for r in revisions), default=0) + 1
             stamp = isodate(int(current.st_mtime))
-            fileops.link(files.committed, files.revision(number, stamp))
+            # made durable by the rename's directory fsync below
+            fileops.link(
+                files.committed, files.revision(number, stamp), durable=False
+            )
         fileops.rename(new_image, files.committed)
         self._prune(max(self.revisions_to_keep, 0))
 
     def _prune(self, keep):
         revisions = self._files.scan().revisions
-        excess = revisions[: len(revisions) - keep] if keep else revisions
+        excess = revisions[: max(len(revisions) - keep, 0)]
         fileops.remove_files(rev.path for rev in excess)
 
     # -- lifecycle ---------------------------------------------------------
@@ -329,6 +347,7 @@ class ReflinkVolume(Volume):
         fileops.remove_files(
             [files.dirty, files.base]
             + list(listing.spares.values())
+            + list(listing.imports)  # an import in progress ends with us
             + [rev.path for rev in listing.revisions]
             + [files.committed]
         )
@@ -368,6 +387,7 @@ class ReflinkVolume(Volume):
     def _start_origin(self):
         files = self._files
         if os.path.exists(files.dirty):
+            _check_own_image(files.dirty)
             log.warning(
                 "%s: keeping its running image from before dom0 stopped "
                 "uncleanly: %s",
@@ -392,11 +412,14 @@ class ReflinkVolume(Volume):
         files, source = self._files, self._start_files()
         if os.path.exists(files.dirty):
             if self.save_on_stop:
+                _check_own_image(files.dirty)
                 log.warning("%s: keeping its unsaved running image", self.vid)
                 return False
             fileops.remove_files([files.dirty])
         fileops.remove_files([files.base])
-        fileops.link(source.committed, files.base)
+        # made durable by the directory fsync of the rename (or published
+        # copy) to the running image below, in the same directory
+        fileops.link(source.committed, files.base, durable=False)
         key = layout.spare_key(os.stat(files.base))
         if self._take_spare(files, key):
             return False
@@ -589,6 +612,7 @@ class ReflinkVolume(Volume):
     def _resize(self, size):
         files = self._files
         if os.path.exists(files.dirty):
+            _check_own_image(files.dirty)
             fileops.grow(files.dirty, size)
             fileops.refresh_loop_devices(files.dirty)
             return False
@@ -631,6 +655,24 @@ class ReflinkVolume(Volume):
                 f"{revision!r} (revisions: {known})"
             )
         self._commit(chosen[0].path)
+
+
+def _check_own_image(path):
+    """Refuse a link planted where an image that a VM writes to goes.
+
+    The driver's running images and spares are regular files with one
+    name; a symbolic or hard link there would let the VM, or a resize,
+    write into a file outside the pool.
+    """
+    stat_result = fileops.stat_or_none(path)
+    if stat_result is not None and (
+        not stat.S_ISREG(stat_result.st_mode) or stat_result.st_nlink != 1
+    ):
+        raise StoragePoolException(
+            f"{path} is a symbolic link, a hard link or no regular file, "
+            "where the driver expects an image file of its own: it will "
+            "not attach or change it; move it away and try again"
+        )
 
 
 _VOLUME_BOOLS = ("rw", "save_on_stop", "snap_on_start")

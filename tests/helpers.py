@@ -1,8 +1,9 @@
 """Shared test helpers: VMs as the host describes them, and volume sets."""
 
+import hashlib
 import os
 
-from qubes_reflink import ReflinkPool
+from qubes_reflink import ReflinkPool, extents
 
 MIB = 1024**2
 
@@ -80,3 +81,31 @@ def tree(directory):
         for name in files:
             found.append(os.path.relpath(os.path.join(root, name), directory))
     return sorted(found)
+
+
+def snapshot_tree(directory):
+    """Every file below `directory` -> (sha256 of contents, inode, size).
+
+    Compare two snapshots to prove that an operation changed nothing.
+    """
+    found = {}
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as file:
+                while chunk := file.read(1024**2):
+                    digest.update(chunk)
+            stat_result = os.stat(path, follow_symlinks=False)
+            found[os.path.relpath(path, directory)] = (
+                digest.hexdigest(),
+                stat_result.st_ino,
+                stat_result.st_size,
+            )
+    return found
+
+
+def shared_bytes(path_a, path_b):
+    """Bytes of `path_a` that lie at the same physical place as data of
+    `path_b`: what a reflink clone shares with its source (FIEMAP)."""
+    return extents.space_usage([path_a, path_b])[path_a].shared

@@ -1,0 +1,749 @@
+"""qubes-reflink: look inside a file-reflink pool, repair it, migrate to it.
+
+The operator's tool, used while qubesd is stopped (or to look while it
+runs).  It knows file names only through `layout`, changes files only
+through `fileops`, and takes its findings from `inspect` and `migrate`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from . import fileops, inspect, layout, migrate
+from .pool import driver_name
+
+log = logging.getLogger("qubes.storage.reflink")
+
+EXIT_OK = 0
+EXIT_NO = 1  # check: no reflinks; fsck: problems; migrate: can't reflink
+EXIT_ERROR = 2
+EXIT_REFUSED = 3  # qubesd or a VM is running (override with --force)
+
+EXIT_CODES = """\
+exit codes:
+  0  success: reflinks work (check), nothing wrong (fsck), done or would
+     be done (migrate)
+  1  no: no reflinks (check), problems found or remaining (fsck), a pool's
+     filesystem can't reflink (migrate)
+  2  error: bad arguments, missing or unreadable files, I/O errors
+  3  refused because qubesd or a VM of the pool is running (see --force)
+"""
+
+EXAMPLES = {
+    "check": """\
+examples:
+  qubes-reflink check /var/lib/qubes
+  qubes-reflink check /mnt/new-pool --from /var/lib/qubes
+""",
+    "status": """\
+examples:
+  qubes-reflink status /var/lib/qubes
+  qubes-reflink --json status /var/lib/qubes | jq '.volumes[].vid'
+""",
+    "du": """\
+examples:
+  qubes-reflink du /var/lib/qubes
+  qubes-reflink du --raw /var/lib/qubes appvms/work/private
+""",
+    "fsck": """\
+examples:
+  qubes-reflink fsck /var/lib/qubes
+  systemctl stop qubesd; qubes-reflink fsck --repair /var/lib/qubes
+""",
+    "migrate": """\
+examples:
+  qubes-reflink migrate                 # show what would be done
+  systemctl stop qubesd
+  qubes-reflink migrate --apply         # switch every 'file' pool
+  qubes-reflink migrate --revert --apply
+""",
+}
+
+
+class Output:
+    """Where results go: human text, raw numbers or JSON, and how much."""
+
+    def __init__(self, args):
+        self.json = args.json
+        self.raw = args.raw
+        self.quiet = args.quiet > 0
+        self.tty = sys.stdout.isatty()
+
+    def line(self, text=""):
+        """A line of human output (silent with -q or --json)."""
+        if not self.quiet and not self.json:
+            print(text)
+
+    def data(self, value):
+        """The JSON document of --json."""
+        if self.json:
+            json.dump(value, sys.stdout, indent=2, sort_keys=True)
+            print()
+
+    def size(self, number):
+        """Bytes, in binary units unless --raw."""
+        if self.raw:
+            return str(number)
+        return human_size(number)
+
+    def progress(self, total, label):
+        """A progress meter on stderr, only when stdout is a terminal."""
+        enabled = self.tty and not self.quiet and total > 1
+        return Progress(total, label, enabled)
+
+
+def human_size(number):
+    """1536 -> '1.5 KiB'; exact bytes below 1 KiB."""
+    if number < 1024:
+        return f"{number} B"
+    value = float(number)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """`[#####     ] 5/10 label` on stderr, drawn only once work has taken
+    more than half a second, so short runs stay quiet."""
+
+    DELAY = 0.5
+
+    def __init__(self, total, label, enabled):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.started = time.monotonic()
+        self.drawn = False
+
+    def update(self, done):
+        """Show that `done` of `total` steps are finished."""
+        if not self.enabled or time.monotonic() - self.started < self.DELAY:
+            return
+        filled = 30 * done // max(self.total, 1)
+        meter = "#" * filled + " " * (30 - filled)
+        sys.stderr.write(f"\r[{meter}] {done}/{self.total} {self.label}")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self):
+        """Erase the meter."""
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def iso(seconds):
+    """UTC timestamp in the form revisions are named with."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+# -- check ----------------------------------------------------------------
+
+
+def cmd_check(args, out):
+    """Can DIR reflink (and can files be reflinked from --from into it)?"""
+    target = _existing_dir(args.dir)
+    source = _existing_dir(args.from_dir) if args.from_dir else target
+    places = {"dir": _mount_facts(target)}
+    if source != target:
+        places["from"] = _mount_facts(source)
+    ok = fileops.can_reflink(
+        layout.probe_path(source), layout.probe_path(target)
+    )
+    for facts in places.values():
+        out.line(
+            f"{facts['path']}: {facts['fstype']} "
+            f"(mounted at {facts['mountpoint']} from {facts['source']})"
+        )
+    what = (
+        f"from {source} into {target}" if source != target else "in " + target
+    )
+    out.line(f"reflinks {what}: {'yes' if ok else 'no'}")
+    out.data({**places, "reflink": ok})
+    return EXIT_OK if ok else EXIT_NO
+
+
+def _existing_dir(path):
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise NotADirectoryError(f"{path} is not a directory")
+    return real
+
+
+def _mount_facts(path):
+    point, fstype, source = inspect.mount_of(path)
+    return {
+        "path": path,
+        "fstype": fstype,
+        "mountpoint": point,
+        "source": source,
+    }
+
+
+# -- status ---------------------------------------------------------------
+
+
+def cmd_status(args, out):
+    """Every volume on disk and every other file, with its state."""
+    pool_dir = _existing_dir(args.pool_dir)
+    scan = inspect.scan_pool(pool_dir)
+    volumes = [inspect.volume_status(files) for files in scan.volumes.values()]
+    unknown = [info.path for info in scan.unknown]
+    fstype = inspect.mount_of(pool_dir)[1]
+    out.line(f"pool {pool_dir} ({fstype}): {len(volumes)} volumes")
+    for volume in volumes:
+        _print_volume(out, volume)
+    if unknown:
+        out.line()
+        out.line(f"{len(unknown)} other files (not of the pool layout):")
+        if not args.verbose:
+            out.line("  (list them with -v)")
+        for path in unknown if args.verbose else ():
+            out.line(f"  {path}")
+    out.data(
+        {
+            "pool_dir": pool_dir,
+            "fstype": fstype,
+            "volumes": volumes,
+            "unknown": unknown,
+        }
+    )
+    return EXIT_OK
+
+
+def _running_state(volume):
+    if not volume["running"]:
+        return "stopped"
+    if volume["attached"]:
+        return "running"
+    return "running image present, not attached to a loop device"
+
+
+def _print_volume(out, volume):
+    out.line()
+    out.line(f"{volume['vid']}: {_running_state(volume)}")
+    for label in ("committed", "dirty"):
+        image = volume[label]
+        if image is not None:
+            out.line(
+                f"  {label:<13}{out.size(image['size'])}, "
+                f"{out.size(image['allocated'])} allocated, "
+                f"modified {iso(image['mtime'])}"
+            )
+    if volume["committed"] is None and volume["dirty"] is None:
+        out.line("  no image of its own (snapshot or volatile volume)")
+    for rev in volume["revisions"]:
+        out.line(
+            f"  revision {rev['id']:<4}{rev['timestamp']}Z, "
+            f"{out.size(rev['allocated'])} allocated"
+        )
+    for other in volume["other"]:
+        name = os.path.basename(other["path"])
+        out.line(f"  {other['kind']:<13}{name}: {other['state']}")
+
+
+# -- du -------------------------------------------------------------------
+
+_DU_FIELDS = ("apparent", "allocated", "shared", "exclusive")
+
+
+def cmd_du(args, out):
+    """Apparent, allocated, shared and exclusive bytes per file and volume."""
+    pool_dir = _existing_dir(args.pool_dir)
+    scan = inspect.scan_pool(pool_dir)
+    unknown = [vid for vid in args.vids if vid not in scan.volumes]
+    if unknown:
+        raise LookupError(f"no volume {', '.join(unknown)} in {pool_dir}")
+    meter = out.progress(len(args.vids or scan.volumes), "volumes measured")
+    try:
+        report = inspect.disk_usage(scan, args.vids, meter.update)
+    finally:
+        meter.close()
+    _print_du(out, report)
+    out.data({"pool_dir": pool_dir, **report})
+    return EXIT_OK
+
+
+def _du_line(out, label, usage, indent=""):
+    sizes = "".join(f"{out.size(usage[f]):>12}" for f in _DU_FIELDS)
+    out.line(f"{indent}{label:<{44 - len(indent)}}{sizes}")
+
+
+def _du_label(row):
+    if row["kind"] == layout.REVISION:
+        return f"revision {row['detail']} ({row['timestamp']}Z)"
+    if row["kind"] == layout.SPARE:
+        return f"spare ({row['state']})"
+    return row["kind"]
+
+
+def _print_du(out, report):
+    header = "".join(f"{f.upper():>12}" for f in _DU_FIELDS)
+    out.line(f"{'':<44}{header}")
+    for volume in report["volumes"]:
+        _du_line(out, volume["vid"], volume["total"])
+        for row in volume["files"]:
+            _du_line(out, _du_label(row), row, indent="  ")
+    _du_line(out, f"total ({len(report['volumes'])} volumes)", report["total"])
+
+
+# -- fsck -----------------------------------------------------------------
+
+_WOULD = {
+    inspect.REMOVE: "--repair removes it",
+    inspect.CHMOD: "--repair sets mode 0600",
+    inspect.REMOVE_COW: "--repair --remove-cow removes it",
+    "": "left for you to decide",
+}
+
+
+def cmd_fsck(args, out):
+    """Find garbage and damage; with --repair, remove provable garbage."""
+    pool_dir = _existing_dir(args.pool_dir)
+    if args.repair and not args.force and inspect.qubesd_running():
+        out.line("refusing to repair while qubesd is running: stop it first")
+        out.line("(or use --force if it does not use this pool)")
+        return EXIT_REFUSED
+    problems = inspect.find_problems(inspect.scan_pool(pool_dir))
+    done = _repair(out, problems, args.remove_cow) if args.repair else []
+    if args.repair:
+        problems = inspect.find_problems(inspect.scan_pool(pool_dir))
+    for problem in problems:
+        out.line(
+            f"{problem.path}: {problem.message} ({_WOULD[problem.repair]})"
+        )
+    out.line(_fsck_summary(problems, done, args))
+    out.data(
+        {
+            "pool_dir": pool_dir,
+            "repaired": done,
+            "problems": [p._asdict() for p in problems],
+        }
+    )
+    return EXIT_NO if problems else EXIT_OK
+
+
+def _fsck_summary(problems, done, args):
+    text = f"{len(done)} repaired, " if args.repair else ""
+    text += f"{len(problems)} problems" + (" remaining" if args.repair else "")
+    if not args.repair and not args.force and problems:
+        if inspect.qubesd_running():
+            text += (
+                "; qubesd is running: temporary, export and import files "
+                "may be in use"
+            )
+    return text
+
+
+def _repair(out, problems, remove_cow):
+    """Carry out the repairs fsck allows; never a committed image's data,
+    a running image or a revision (find_problems offers none of those)."""
+    actions = {inspect.REMOVE, inspect.CHMOD}
+    if remove_cow:
+        actions.add(inspect.REMOVE_COW)
+    chosen = [p for p in problems if p.repair in actions]
+    meter = out.progress(len(chosen), "repairs")
+    done = []
+    try:
+        for number, problem in enumerate(chosen, 1):
+            if problem.repair == inspect.CHMOD:
+                old = fileops.set_image_mode(problem.path)
+                action = f"changed mode {old:04o} to 0600"
+            else:
+                fileops.remove_files([problem.path])
+                action = "removed"
+            log.info("fsck: %s %s (%s)", action, problem.path, problem.message)
+            out.line(f"{action}: {problem.path} ({problem.message})")
+            done.append({"path": problem.path, "action": action})
+            meter.update(number)
+    finally:
+        meter.close()
+    return done
+
+
+# -- migrate --------------------------------------------------------------
+
+
+def cmd_migrate(args, out):
+    """Switch 'file' pools to this driver in qubes.xml, or --revert."""
+    xml_path = os.path.abspath(args.qubes_xml)
+    if args.revert:
+        return _revert(args, out, xml_path)
+    with open(xml_path, "rb") as xml_file:
+        data = xml_file.read()
+    pools = migrate.file_pools(data, args.pool)
+    target = driver_name()
+    if not pools:
+        out.line(f"{xml_path}: no pool uses the 'file' driver; nothing to do")
+        out.data({"qubes_xml": xml_path, "pools": [], "applied": False})
+        return EXIT_OK
+    plans = [_plan_pool(args, pool, data) for pool in pools]
+    for plan in plans:
+        _print_plan(out, plan, target)
+    verdict = _verdict(args, plans)
+    report = {"qubes_xml": xml_path, "driver": target, "pools": plans}
+    if verdict != EXIT_OK or not args.apply:
+        _print_dry_run(out, xml_path, verdict)
+        out.data({**report, "applied": False, "exit": verdict})
+        return verdict
+    backup = _apply(out, xml_path, data, pools, target)
+    removed = _remove_cow(out, [p for plan in plans for p in plan["cow"]])
+    out.line("done: start qubesd again (systemctl start qubesd)")
+    out.data({**report, "applied": True, "backup": backup, "removed": removed})
+    return EXIT_OK
+
+
+def _plan_pool(args, pool, data):
+    """What migrating one pool involves, and what stands in the way."""
+    directory = _existing_dir(pool.dir_path)
+    scan = inspect.scan_pool(directory)
+    reflink = None
+    if not args.no_setup_check:
+        reflink = fileops.can_reflink(
+            layout.probe_path(directory), layout.probe_path(directory)
+        )
+    return {
+        "name": pool.name,
+        "dir_path": pool.dir_path,
+        "fstype": inspect.mount_of(directory)[1],
+        "line": migrate.line_of(data, pool.value_span[0]),
+        "reflink": reflink,
+        "busy": migrate.busy_volumes(pool.name, scan, args.run_dir),
+        "cow": migrate.cow_files(scan),
+    }
+
+
+def _print_plan(out, plan, target):
+    out.line(
+        f"pool {plan['name']} ({plan['dir_path']}, {plan['fstype']}): "
+        f"driver \"file\" -> \"{target}\" (line {plan['line']})"
+    )
+    if plan["reflink"] is not None:
+        out.line(f"  reflinks: {'yes' if plan['reflink'] else 'NO'}")
+    for reason in plan["busy"]:
+        out.line(f"  in use: {reason}")
+    out.line(f"  *-cow.img* files to remove: {len(plan['cow'])}")
+    for path in plan["cow"]:
+        out.line(f"    {path}")
+
+
+def _verdict(args, plans):
+    """EXIT_OK if the migration may go ahead, else why not."""
+    if any(plan["reflink"] is False for plan in plans):
+        return EXIT_NO
+    if args.force:
+        return EXIT_OK
+    if any(plan["busy"] for plan in plans):
+        return EXIT_REFUSED
+    if args.apply and inspect.qubesd_running():
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _print_dry_run(out, xml_path, verdict):
+    if verdict == EXIT_NO:
+        out.line(
+            "refusing: a pool's filesystem can't reflink (move it to btrfs "
+            "or XFS, or use --no-setup-check to accept full copies)"
+        )
+    elif verdict == EXIT_REFUSED:
+        out.line(
+            "refusing: qubesd or a VM of these pools is running; shut the "
+            "VMs down and stop qubesd (or use --force)"
+        )
+    else:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        out.line(f"would write backup {layout.xml_backup(xml_path, stamp)}")
+        out.line(f"would rewrite {xml_path} (only the attributes above)")
+        out.line("would remove the *-cow.img* files listed above")
+        out.line("nothing changed: run again with --apply to do it")
+
+
+def _apply(out, xml_path, data, pools, target):
+    """Back up qubes.xml, then replace it with the edited copy."""
+    new = migrate.rewrite(data, pools, target)
+    like = os.stat(xml_path)
+    backup = _write_backup(xml_path, data, like)
+    out.line(f"wrote backup {backup}")
+    with open(xml_path, "rb") as xml_file:
+        if xml_file.read() != data:
+            raise RuntimeError(f"{xml_path} changed while being migrated")
+    fileops.write_file(xml_path, new, layout.xml_temp(xml_path), like=like)
+    log.info(
+        "migrate: set driver %s of pools %s in %s",
+        target,
+        ", ".join(p.name for p in pools),
+        xml_path,
+    )
+    out.line(
+        f'rewrote {xml_path}: driver="{target}" for '
+        f"{', '.join(p.name for p in pools)}"
+    )
+    return backup
+
+
+def _write_backup(xml_path, data, like):
+    """A new backup file named after the time; never overwrites one."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for number in range(100):
+        backup = layout.xml_backup(xml_path, stamp, number)
+        try:
+            fileops.write_file(
+                backup,
+                data,
+                layout.xml_temp(xml_path),
+                like=like,
+                replace=False,
+            )
+            return backup
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many backups of {xml_path} this second")
+
+
+def _remove_cow(out, paths):
+    meter = out.progress(len(paths), "*-cow.img* files removed")
+    removed = []
+    try:
+        for number, path in enumerate(paths, 1):
+            removed += fileops.remove_files([path])
+            out.line(f"removed {path}")
+            meter.update(number)
+    finally:
+        meter.close()
+    return removed
+
+
+def _revert(args, out, xml_path):
+    """Put the newest backup back in place of qubes.xml."""
+    backups = layout.xml_backups(xml_path)
+    if not backups:
+        raise FileNotFoundError(f"no backup of {xml_path} made by migrate")
+    newest = backups[-1]
+    if args.apply and not args.force and inspect.qubesd_running():
+        out.line("refusing: qubesd is running; stop it first (or --force)")
+        return EXIT_REFUSED
+    if not args.apply:
+        out.line(f"would restore {newest} as {xml_path}")
+        out.line("nothing changed: run again with --apply to do it")
+        out.data({"qubes_xml": xml_path, "backup": newest, "applied": False})
+        return EXIT_OK
+    with open(newest, "rb") as backup_file:
+        data = backup_file.read()
+    fileops.write_file(
+        xml_path, data, layout.xml_temp(xml_path), like=os.stat(xml_path)
+    )
+    log.info("migrate: restored %s from %s", xml_path, newest)
+    out.line(f"restored {xml_path} from {newest}")
+    out.data({"qubes_xml": xml_path, "backup": newest, "applied": True})
+    return EXIT_OK
+
+
+# -- parser ---------------------------------------------------------------
+
+
+def _common(parser, suppress):
+    """-v/-q/--raw/--json, accepted before and after the subcommand."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default or 0,
+        help="say more: list every file, log every file operation (-vv: debug)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default or 0,
+        help="print nothing but errors; the exit code tells the result",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        default=default or False,
+        help="sizes in bytes instead of KiB, MiB, GiB",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default or False,
+        help="print one JSON document instead of text",
+    )
+
+
+def _subparser(subparsers, name, help_text, func):
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=EXAMPLES[name] + "\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser, suppress=True)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser():
+    """The argument parser of qubes-reflink and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="qubes-reflink",
+        description="Inspect, repair and migrate to file-reflink storage "
+        "pools (run it in dom0, as root, preferably with qubesd stopped).",
+        epilog="examples:\n"
+        + "".join(text.split("\n", 1)[1] for text in EXAMPLES.values())
+        + "\n"
+        + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser, suppress=False)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    check = _subparser(
+        subparsers, "check", "can a directory reflink files?", cmd_check
+    )
+    check.add_argument("dir", help="directory to test (a pool's dir_path)")
+    check.add_argument(
+        "--from",
+        dest="from_dir",
+        metavar="DIR2",
+        help="test reflinking files from DIR2 into DIR instead",
+    )
+    status = _subparser(
+        subparsers,
+        "status",
+        "list the volumes and files of a pool",
+        cmd_status,
+    )
+    status.add_argument("pool_dir", help="the pool's dir_path")
+    du = _subparser(
+        subparsers,
+        "du",
+        "space per volume and revision: allocated, shared, exclusive",
+        cmd_du,
+    )
+    du.add_argument("pool_dir", help="the pool's dir_path")
+    du.add_argument(
+        "vids",
+        nargs="*",
+        metavar="VID",
+        help="only these volumes (appvms/VM/VOLUME, ...)",
+    )
+    _add_fsck(subparsers)
+    _add_migrate(subparsers)
+    return parser
+
+
+def _add_fsck(subparsers):
+    fsck = _subparser(
+        subparsers,
+        "fsck",
+        "find leftovers and damage in a pool; --repair removes garbage",
+        cmd_fsck,
+    )
+    fsck.add_argument("pool_dir", help="the pool's dir_path")
+    fsck.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove temporary, export, import files, stale spares and "
+        "base links, and set image modes to 0600 (never touches committed "
+        "or running images or revisions)",
+    )
+    fsck.add_argument(
+        "--remove-cow",
+        action="store_true",
+        help="with --repair, also remove *-cow.img* files of the 'file' "
+        "driver (only once the pool no longer uses that driver)",
+    )
+    fsck.add_argument(
+        "--force",
+        action="store_true",
+        help="repair even though qubesd seems to be running",
+    )
+
+
+def _add_migrate(subparsers):
+    mig = _subparser(
+        subparsers,
+        "migrate",
+        f"switch 'file' pools in qubes.xml to the {driver_name()} driver",
+        cmd_migrate,
+    )
+    mig.add_argument(
+        "--qubes-xml",
+        default=migrate.DEFAULT_QUBES_XML,
+        metavar="PATH",
+        help="qubes.xml to edit (default: %(default)s)",
+    )
+    mig.add_argument(
+        "--pool",
+        action="append",
+        metavar="NAME",
+        help="migrate only this pool (repeatable; default: every 'file' pool)",
+    )
+    mig.add_argument(
+        "--apply",
+        action="store_true",
+        help="do it (without it: only print what would be done)",
+    )
+    mig.add_argument(
+        "--revert",
+        action="store_true",
+        help="restore the newest backup of qubes.xml made by migrate "
+        "(with --apply)",
+    )
+    mig.add_argument(
+        "--no-setup-check",
+        action="store_true",
+        help="don't refuse pools whose filesystem can't reflink",
+    )
+    mig.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead although qubesd or VMs of the pools seem to run",
+    )
+    mig.add_argument(
+        "--run-dir",
+        default=migrate.DEFAULT_RUN_DIR,
+        help=argparse.SUPPRESS,  # where the host keeps volume state files
+    )
+
+
+def _configure_logging(args):
+    level = logging.WARNING
+    if args.verbose:
+        level = logging.INFO if args.verbose == 1 else logging.DEBUG
+    if args.quiet:
+        level = logging.ERROR
+    logging.basicConfig(
+        level=level, format="%(levelname)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("qubes.storage.reflink").setLevel(level)
+
+
+def main(argv=None):
+    """Entry point of the qubes-reflink console script; returns the exit
+    code (see EXIT_CODES)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    out = Output(args)
+    try:
+        return args.func(args, out)
+    except (
+        OSError,
+        LookupError,
+        ValueError,
+        RuntimeError,
+        migrate.MigrateError,
+    ) as err:
+        print(f"qubes-reflink: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

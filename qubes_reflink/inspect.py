@@ -1,0 +1,421 @@
+"""Looking inside a pool directory while qubesd is stopped.
+
+Pure functions returning data, for the ``qubes-reflink`` tool: what files
+a pool holds and whether each is still needed (`scan_pool`), what is wrong
+(`find_problems`) and how much space each volume takes (`disk_usage`).
+Names are understood only through `layout`; nothing here changes a file.
+"""
+
+import os
+import re
+import stat
+import subprocess
+from typing import NamedTuple
+
+from . import extents, layout
+
+# What a file's state can be.
+LIVE = "live"
+STALE = "stale"
+#: Temporary, export and import files are garbage unless qubesd is using
+#: them right now, which an offline tool can't see.
+STALE_IF_STOPPED = "stale if qubesd is stopped"
+IN_USE = "in use by a loop device"
+UNKNOWN = "unknown"  # a file whose name is not part of the layout
+
+#: Kinds whose files are VM images and should be mode 0600.
+IMAGE_KINDS = (
+    layout.COMMITTED,
+    layout.DIRTY,
+    layout.REVISION,
+    layout.SPARE,
+    layout.BASE,
+)
+_ORDER = IMAGE_KINDS + (
+    layout.TEMP,
+    layout.EXPORT,
+    layout.IMPORT,
+    layout.CORE_LEFTOVER,
+    layout.COW,
+)
+
+
+class FileInfo(NamedTuple):
+    """One file found in a VM directory of the pool."""
+
+    path: str
+    vid: str  # "" for files whose name is not part of the layout
+    kind: str  # a layout kind, or UNKNOWN
+    detail: str  # revision id, spare key, token, core leftover kind
+    stat: os.stat_result  # lstat: a symbolic link is not followed
+    state: str  # LIVE, STALE, STALE_IF_STOPPED, IN_USE or UNKNOWN
+
+
+class PoolScan(NamedTuple):
+    """Every file of a pool's VM directories, by volume."""
+
+    pool_dir: str
+    volumes: dict  # vid -> [FileInfo], committed image first
+    unknown: list  # FileInfo of files the layout has no name for
+
+
+class Problem(NamedTuple):
+    """Something `fsck` reports; `repair` says what --repair would do."""
+
+    path: str
+    code: str
+    message: str
+    repair: str  # REMOVE, CHMOD, REMOVE_COW or "" (report only)
+
+
+REMOVE = "remove"
+CHMOD = "chmod"
+REMOVE_COW = "remove-cow"
+
+
+def loop_backing_files(sys_block="/sys/block"):
+    """(st_dev, st_ino) of every file a loop device is attached to.
+
+    Compared by inode, not by path, so that a file reached through another
+    mount or a symbolic link still counts as in use.
+    """
+    found = set()
+    try:
+        names = os.listdir(sys_block)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(
+                os.path.join(sys_block, name, "loop", "backing_file"),
+                encoding="utf-8",
+                errors="surrogateescape",
+            ) as backing:
+                path = backing.read().rstrip("\n")
+            found.add(_identity(os.stat(path)))
+        except OSError:  # not attached, or its file is gone
+            continue
+    return found
+
+
+def _identity(stat_result):
+    return stat_result.st_dev, stat_result.st_ino
+
+
+def qubesd_running(proc="/proc"):
+    """Whether qubesd looks alive: its systemd unit is active, or a process
+    is named qubesd (dom0 without systemd, or started by hand)."""
+    try:
+        if (
+            subprocess.run(
+                ["systemctl", "is-active", "--quiet", "qubesd"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+                timeout=10,
+            ).returncode
+            == 0
+        ):
+            return True
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return bool(processes_named("qubesd", proc))
+
+
+def processes_named(name, proc="/proc"):
+    """Process ids whose command name (comm) is `name`."""
+    found = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, entry, "comm"), encoding="utf-8") as f:
+                if f.read().strip() == name:
+                    found.append(int(entry))
+        except OSError:  # exited meanwhile
+            continue
+    return found
+
+
+def _list_files(pool_dir):
+    """(vid prefix, path, lstat, layout entry) of each file of the VM dirs."""
+    for prefix, vm_name, directory in layout.volume_dirs(pool_dir):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            try:
+                stat_result = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(stat_result.st_mode):
+                continue
+            yield f"{prefix}/{vm_name}", path, stat_result, layout.classify(
+                name
+            )
+
+
+def scan_pool(pool_dir, attached=None):
+    """Every file of the pool's VM directories, classified, with its state.
+
+    `attached`: (st_dev, st_ino) of files loop devices use (default: read
+    from /sys).  A spare is stale when no committed image of the pool has
+    its key (snapshot volumes keep spares of their source's image); a base
+    link is stale when its volume is not running.
+    """
+    if not os.path.isdir(pool_dir):
+        raise NotADirectoryError(f"{pool_dir} is not a directory")
+    if attached is None:
+        attached = loop_backing_files()
+    found = list(_list_files(pool_dir))
+    keys = {
+        layout.spare_key(st)
+        for _, _, st, entry in found
+        if entry and entry.kind == layout.COMMITTED and stat.S_ISREG(st.st_mode)
+    }
+    running = {
+        f"{vm_dir}/{entry.volume}"
+        for vm_dir, _, _, entry in found
+        if entry and entry.kind == layout.DIRTY
+    }
+    volumes, unknown = {}, []
+    for vm_dir, path, st, entry in found:
+        in_use = _identity(st) in attached
+        if entry is None:
+            state = IN_USE if in_use else UNKNOWN
+            unknown.append(FileInfo(path, "", UNKNOWN, "", st, state))
+            continue
+        vid = f"{vm_dir}/{entry.volume}"
+        state = IN_USE if in_use else _state(entry, vid, keys, running)
+        volumes.setdefault(vid, []).append(
+            FileInfo(path, vid, entry.kind, entry.detail, st, state)
+        )
+    for files in volumes.values():
+        files.sort(key=_sort_key)
+    return PoolScan(pool_dir, dict(sorted(volumes.items())), unknown)
+
+
+def _state(entry, vid, spare_keys, running):
+    kind = entry.kind
+    if kind in (layout.COMMITTED, layout.REVISION, layout.DIRTY):
+        return LIVE
+    if kind == layout.SPARE:
+        return LIVE if entry.detail in spare_keys else STALE
+    if kind == layout.BASE:
+        return LIVE if vid in running else STALE
+    if kind == layout.COW:
+        return STALE
+    return STALE_IF_STOPPED  # temporary, export, import, core leftovers
+
+
+def _sort_key(info):
+    """Images first, then revisions in the driver's order (older-style
+    names first, then by number), then the rest."""
+    if info.kind == layout.REVISION:
+        name = os.path.basename(info.path)
+        number = int(info.detail) if info.detail.isdigit() else 0
+        stamp = layout.revision_timestamp(name)
+        return (_ORDER.index(info.kind), number > 0, number, stamp)
+    return (_ORDER.index(info.kind), False, 0, info.path)
+
+
+def _of_kind(files, kind):
+    return [info for info in files if info.kind == kind]
+
+
+def _image(info):
+    """Size facts of one file, for status."""
+    if info is None:
+        return None
+    return {
+        "path": info.path,
+        "size": info.stat.st_size,
+        "allocated": info.stat.st_blocks * 512,
+        "mtime": int(info.stat.st_mtime),
+        "mode": f"{stat.S_IMODE(info.stat.st_mode):04o}",
+    }
+
+
+def volume_status(files):
+    """What status shows of one volume, as plain data (JSON-ready)."""
+    committed = _of_kind(files, layout.COMMITTED)
+    dirty = _of_kind(files, layout.DIRTY)
+    revisions = []
+    for info in _of_kind(files, layout.REVISION):
+        entry = _image(info)
+        entry["id"] = info.detail
+        entry["timestamp"] = layout.revision_timestamp(
+            os.path.basename(info.path)
+        )
+        revisions.append(entry)
+    others = [
+        {
+            "path": info.path,
+            "kind": info.kind,
+            "state": info.state,
+            "size": info.stat.st_size,
+            "allocated": info.stat.st_blocks * 512,
+        }
+        for info in files
+        if info.kind not in (layout.COMMITTED, layout.DIRTY, layout.REVISION)
+    ]
+    return {
+        "vid": files[0].vid,
+        "running": bool(dirty),
+        "attached": any(info.state == IN_USE for info in dirty),
+        "committed": _image(committed[0] if committed else None),
+        "dirty": _image(dirty[0] if dirty else None),
+        "revisions": revisions,
+        "other": others,
+    }
+
+
+_GARBAGE = {
+    layout.TEMP: "incomplete temporary file",
+    layout.EXPORT: "export snapshot left behind",
+    layout.IMPORT: "unfinished import",
+    layout.CORE_LEFTOVER: "leftover of the core file-reflink driver",
+}
+
+
+def find_problems(scan):
+    """Everything fsck reports, in path order, with the repair it allows.
+
+    Only files that are provably garbage while qubesd is stopped get
+    REMOVE; committed images, running images and revisions never do.
+    """
+    problems = []
+    for files in scan.volumes.values():
+        problems += _volume_problems(files)
+        for info in files:
+            problems += _file_problems(info)
+    return sorted(problems)
+
+
+def _volume_problems(files):
+    revisions = _of_kind(files, layout.REVISION)
+    if revisions and not _of_kind(files, layout.COMMITTED):
+        ids = ", ".join(info.detail for info in revisions)
+        return [
+            Problem(
+                revisions[0].path,
+                "orphan-revision",
+                f"volume {files[0].vid} has revisions ({ids}) but no "
+                "committed image; restore one with "
+                "'qvm-volume revert' after qubesd starts",
+                "",
+            )
+        ]
+    return []
+
+
+def _file_problems(info):
+    garbage = _garbage_problem(info) if info.state != IN_USE else None
+    if garbage is None and info.kind in IMAGE_KINDS:
+        garbage = _image_problem(info)
+    return [garbage] if garbage else []
+
+
+def _garbage_problem(info):
+    if info.kind in _GARBAGE:
+        what = _GARBAGE[info.kind]
+        if info.kind == layout.CORE_LEFTOVER:
+            what = f"{info.detail} {what}"
+        return Problem(info.path, info.kind, what, REMOVE)
+    if info.kind in (layout.SPARE, layout.BASE) and info.state == STALE:
+        what = {
+            layout.SPARE: "spare of a committed image that no longer exists",
+            layout.BASE: "base link of a volume that is not running",
+        }[info.kind]
+        return Problem(info.path, f"stale-{info.kind}", what, REMOVE)
+    if info.kind == layout.COW:
+        return Problem(
+            info.path,
+            layout.COW,
+            "copy-on-write image of the 'file' driver",
+            REMOVE_COW,
+        )
+    return None
+
+
+def _image_problem(info):
+    if not stat.S_ISREG(info.stat.st_mode):
+        return Problem(
+            info.path, "not-regular", "not a regular file (left alone)", ""
+        )
+    mode = stat.S_IMODE(info.stat.st_mode)
+    if mode != 0o600:
+        return Problem(
+            info.path, "mode", f"mode {mode:04o}, images should be 0600", CHMOD
+        )
+    return None
+
+
+def disk_usage(scan, vids=None, progress=None):
+    """Apparent, allocated, shared and exclusive bytes from extent maps.
+
+    Per file (committed, running, each revision, ...), per volume and for
+    the pool (or the volumes `vids`); sharing is judged within the files
+    looked at and from the filesystem's own SHARED flags.  `progress(n)`
+    is called after each volume.  Raises KeyError for an unknown vid.
+    """
+    chosen = list(scan.volumes) if not vids else list(vids)
+    for vid in chosen:
+        if vid not in scan.volumes:
+            raise KeyError(vid)
+    files = {
+        vid: [i for i in scan.volumes[vid] if stat.S_ISREG(i.stat.st_mode)]
+        for vid in chosen
+    }
+    paths = [info.path for infos in files.values() for info in infos]
+    per_file = extents.space_usage(paths)
+    volumes = []
+    for number, (vid, infos) in enumerate(files.items(), 1):
+        total = extents.total_usage([info.path for info in infos])
+        volumes.append(
+            {
+                "vid": vid,
+                "files": [_du_row(info, per_file[info.path]) for info in infos],
+                "total": total._asdict(),
+            }
+        )
+        if progress:
+            progress(number)
+    return {"volumes": volumes, "total": extents.total_usage(paths)._asdict()}
+
+
+def _du_row(info, usage):
+    row = {
+        "path": info.path,
+        "kind": info.kind,
+        "detail": info.detail,
+        "state": info.state,
+    }
+    if info.kind == layout.REVISION:
+        row["timestamp"] = layout.revision_timestamp(
+            os.path.basename(info.path)
+        )
+    row.update(usage._asdict())
+    return row
+
+
+def _unescape_mount(field):
+    """/proc/self/mounts writes space, tab, newline, backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mount_of(path, mounts="/proc/self/mounts"):
+    """(mount point, filesystem type, source) of the mount holding `path`:
+    the longest mount point that is a prefix of its real path."""
+    real = os.path.realpath(path)
+    best = ("", "", "")
+    with open(mounts, encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            source, point, fstype = line.split()[:3]
+            point = _unescape_mount(point)
+            inside = (
+                point == "/" or real == point or real.startswith(point + "/")
+            )
+            if inside and len(point) >= len(best[0]):
+                best = (point, fstype, _unescape_mount(source))
+    return best
