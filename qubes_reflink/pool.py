@@ -95,9 +95,17 @@ class ReflinkPool(Pool):
                 f"dir_path {self.dir_path!r} exists and is not a directory: "
                 "give the path of a directory (it is created if missing)"
             )
-        created = fileops.make_dirs(self.dir_path)
+        try:
+            created = fileops.make_dirs(self.dir_path)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise StoragePoolException(
+                f"dir_path {self.dir_path!r} can't be created: "
+                f"{err.filename} is not a directory; give the path of a "
+                "directory (it is created if missing)"
+            ) from None
         try:
             self.root = os.path.realpath(self.dir_path)
+            fileops.remove_files(layout.probe_leftovers(self.root))
             probes = (
                 layout.probe_path(self.root),
                 layout.probe_path(self.root),
