@@ -7,6 +7,7 @@ import tempfile
 
 import pytest
 
+from helpers import new_pool
 from loopfs import loop_filesystem, unavailable_reason
 
 from qubes_reflink import volume
@@ -102,3 +103,11 @@ def fstype_of(path):
             ) > len(best[0]):
                 best = (mnt, fstype)
     return best[1]
+
+
+@pytest.fixture
+async def pool(any_dir):
+    """A pool on btrfs, XFS and ext4 in turn; background work awaited."""
+    the_pool = await new_pool(any_dir, setup_check="no")
+    yield the_pool
+    await the_pool.wait_background()

@@ -109,3 +109,24 @@ def shared_bytes(path_a, path_b):
     """Bytes of `path_a` that lie at the same physical place as data of
     `path_b`: what a reflink clone shares with its source (FIEMAP)."""
     return extents.space_usage([path_a, path_b])[path_a].shared
+
+
+def data(tag, length=64 * 1024):
+    """Recognisable bytes for `tag`."""
+    text = f"<{tag}>".encode()
+    return (text * (length // len(text) + 1))[:length]
+
+
+def committed(volume):
+    """The committed image's path, spelled out independently of layout."""
+    return os.path.join(volume.pool.root, volume.vid + ".img")
+
+
+def dirty(volume):
+    """The running image's path, spelled out independently of layout."""
+    return os.path.join(volume.pool.root, volume.vid + "-dirty.img")
+
+
+def vm_dir(volume):
+    """The directory holding a volume's files."""
+    return os.path.dirname(committed(volume))

@@ -8,8 +8,11 @@ import threading
 import pytest
 
 from helpers import (
-    MIB,
     FakeVM,
+    MIB,
+    committed,
+    data,
+    dirty,
     new_pool,
     origin,
     read_image,
@@ -21,19 +24,6 @@ from qubes_reflink import fileops
 
 CHUNK = 64 * 1024
 VMS = 40
-
-
-def data(tag, length=CHUNK):
-    text = f"<{tag}>".encode()
-    return (text * (length // len(text) + 1))[:length]
-
-
-def committed(volume):
-    return os.path.join(volume.pool.root, volume.vid + ".img")
-
-
-def dirty(volume):
-    return os.path.join(volume.pool.root, volume.vid + "-dirty.img")
 
 
 @pytest.fixture

@@ -6,45 +6,24 @@ import pytest
 
 from conftest import fstype_of
 from helpers import (
-    MIB,
     FakeVM,
+    MIB,
+    committed,
+    data,
+    dirty,
     new_pool,
     origin,
     read_image,
     shared_bytes,
     snapshot,
     snapshot_tree,
+    vm_dir,
     volatile,
     write_image,
 )
 from qubes_reflink.host import StoragePoolException
 
 CHUNK = 64 * 1024
-
-
-@pytest.fixture
-async def pool(any_dir):
-    """A pool on btrfs, XFS and ext4 in turn; background work awaited."""
-    the_pool = await new_pool(any_dir, setup_check="no")
-    yield the_pool
-    await the_pool.wait_background()
-
-
-def data(tag, length=CHUNK):
-    text = f"<{tag}>".encode()
-    return (text * (length // len(text) + 1))[:length]
-
-
-def committed(volume):
-    return os.path.join(volume.pool.root, volume.vid + ".img")
-
-
-def dirty(volume):
-    return os.path.join(volume.pool.root, volume.vid + "-dirty.img")
-
-
-def vm_dir(volume):
-    return os.path.dirname(committed(volume))
 
 
 def internal_files(volume, kind):

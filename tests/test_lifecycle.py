@@ -10,8 +10,11 @@ import pytest
 
 from conftest import fstype_of
 from helpers import (
-    MIB,
     FakeVM,
+    MIB,
+    committed,
+    data,
+    dirty,
     new_pool,
     origin,
     read_image,
@@ -19,6 +22,7 @@ from helpers import (
     snapshot,
     snapshot_tree,
     tree,
+    vm_dir,
     volatile,
     write_image,
 )
@@ -31,32 +35,6 @@ REVISION_NAME = re.compile(
 )
 LEGACY_TS = "2020-01-02T03:04:05"
 CHUNK = 64 * 1024
-
-
-@pytest.fixture
-async def pool(any_dir):
-    """A pool on btrfs, XFS and ext4 in turn; background work awaited."""
-    the_pool = await new_pool(any_dir, setup_check="no")
-    yield the_pool
-    await the_pool.wait_background()
-
-
-def data(tag, length=CHUNK):
-    """Recognisable bytes for `tag`."""
-    text = f"<{tag}>".encode()
-    return (text * (length // len(text) + 1))[:length]
-
-
-def committed(volume):
-    return os.path.join(volume.pool.root, volume.vid + ".img")
-
-
-def dirty(volume):
-    return os.path.join(volume.pool.root, volume.vid + "-dirty.img")
-
-
-def vm_dir(volume):
-    return os.path.dirname(committed(volume))
 
 
 def ino(path):

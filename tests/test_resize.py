@@ -7,9 +7,11 @@ import subprocess
 import pytest
 
 from helpers import (
-    MIB,
     FakeVM,
-    new_pool,
+    MIB,
+    committed,
+    data,
+    dirty,
     origin,
     read_image,
     snapshot,
@@ -20,27 +22,6 @@ from helpers import (
 from qubes_reflink.host import StoragePoolException
 
 CHUNK = 64 * 1024
-
-
-@pytest.fixture
-async def pool(any_dir):
-    """A pool on btrfs, XFS and ext4 in turn; background work awaited."""
-    the_pool = await new_pool(any_dir, setup_check="no")
-    yield the_pool
-    await the_pool.wait_background()
-
-
-def data(tag, length=CHUNK):
-    text = f"<{tag}>".encode()
-    return (text * (length // len(text) + 1))[:length]
-
-
-def committed(volume):
-    return os.path.join(volume.pool.root, volume.vid + ".img")
-
-
-def dirty(volume):
-    return os.path.join(volume.pool.root, volume.vid + "-dirty.img")
 
 
 async def settled_tree(pool):
