@@ -182,11 +182,26 @@ def spare_key(stat_result):
     )
 
 
+_PROBE_PREFIX = f".qubes-reflink-probe.img~{TEMP}."
+
+
 def probe_path(directory):
     """A fresh name for a throwaway file that tests what `directory` can do."""
-    return os.path.join(
-        directory, f".qubes-reflink-probe.img~{TEMP}.{secrets.token_hex(8)}"
-    )
+    return os.path.join(directory, _PROBE_PREFIX + secrets.token_hex(8))
+
+
+def probe_leftovers(directory):
+    """Probe files that a process killed while probing left in `directory`."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    return [
+        os.path.join(directory, name)
+        for name in names
+        if name.startswith(_PROBE_PREFIX)
+        and re.fullmatch(_TOKEN, name[len(_PROBE_PREFIX) :])
+    ]
 
 
 def volume_dirs(pool_dir):
