@@ -39,8 +39,13 @@ import threading
 import traceback
 from typing import NamedTuple
 
-from qubes_reflink import ReflinkPool, fileops, layout
+from qubes_reflink import ReflinkPool, fileops, layout, volume
 from qubes_reflink.host import StoragePoolException
+
+# Spares of snapshot volumes are made right after their stop here, as in
+# the other tests (conftest.no_spare_grace): waiting out the grace period
+# at every one of hundreds of crash points would only cost time.
+volume.SNAPSHOT_SPARE_DELAY = 0.0
 
 MIB = 1024**2
 SIZE = MIB
