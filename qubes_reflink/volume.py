@@ -199,9 +199,11 @@ class ReflinkVolume(Volume):
         async with self._lock:
             try:
                 await asyncio.to_thread(self._in_pool, self._prepare_spare)
-            except Exception:  # pylint: disable=broad-exception-caught
+            except Exception as err:  # pylint: disable=broad-exception-caught
                 # A spare only saves time; the next start will clone.
-                log.warning("could not prepare a spare of %s", self.vid)
+                log.warning(
+                    "could not prepare a spare of %s: %s", self.vid, err
+                )
 
     def _prepare_spare(self):
         """Clone the image the next start begins from, unless a fresh spare
