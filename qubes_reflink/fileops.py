@@ -36,6 +36,7 @@ _NO_CLONE = frozenset(
 _NO_COPY_RANGE = _NO_CLONE | {errno.EBADF, errno.EPERM}
 
 COPY_CHUNK = 64 * 1024**2
+SEND_CHUNK = 8 * 1024**2
 WRITE_BUFFER = 1024**2
 _IMAGE_MODE = 0o600
 
@@ -156,11 +157,30 @@ def _copy_range(src_fd, dst_fd, offset, length):
     return offset
 
 
+def _send_range(src_fd, dst_fd, offset, end):
+    """sendfile what copy_file_range could not do (another filesystem):
+    page cache to page cache in the kernel, faster than ``cp``'s
+    read/write.  Returns where it stopped (`end` unless declined)."""
+    os.lseek(dst_fd, offset, os.SEEK_SET)
+    while offset < end:
+        try:
+            sent = os.sendfile(
+                dst_fd, src_fd, offset, min(SEND_CHUNK, end - offset)
+            )
+        except OSError as err:
+            if err.errno in _NO_COPY_RANGE:
+                return offset
+            raise
+        if sent == 0:
+            break
+        offset += sent
+    return offset
+
+
 def _write_range(src_fd, dst_fd, offset, end, buffer):
-    """Plain read/write of what copy_file_range could not do (another
-    filesystem), through one reused `buffer` (a memoryview): a new bytes
-    object per read costs an mmap and page faults each time, which made
-    this half as fast as ``cp``."""
+    """Plain read/write of what neither copy_file_range nor sendfile could
+    do, through one reused `buffer` (a memoryview): a new bytes object per
+    read costs an mmap and page faults each time."""
     while offset < end:
         count = os.preadv(
             src_fd, [buffer[: min(len(buffer), end - offset)]], offset
@@ -181,10 +201,14 @@ def _sparse_copy(src_fd, dst_fd, src, dst):
     size = os.fstat(src_fd).st_size
     buffer = memoryview(bytearray(WRITE_BUFFER))
     with _step("copy", src, dst):
+        # size first: growing a file whose data is still in the page cache
+        # makes XFS write all of it back, inside the truncate
+        os.ftruncate(dst_fd, size)
         for offset, length in _data_extents(src_fd, size):
             done = _copy_range(src_fd, dst_fd, offset, length)
+            if done < offset + length:
+                done = _send_range(src_fd, dst_fd, done, offset + length)
             _write_range(src_fd, dst_fd, done, offset + length, buffer)
-        os.ftruncate(dst_fd, size)
     log.info("copied %s to %s (sparse copy, no reflink)", src, dst)
 
 

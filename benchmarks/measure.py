@@ -1,0 +1,158 @@
+"""Timing: statistics, the floor and clone baselines, the loop ticker.
+
+The *floor* is the least any start can cost: renaming a ready file to
+another name in the same directory and fsyncing that directory, on the same
+filesystem, measured in the same run.  The *clone* baseline is a plain
+FICLONE of the same image, as a driver that clones at start would pay.
+"""
+
+import asyncio
+import math
+import os
+import statistics
+import subprocess
+import time
+
+from . import images
+
+
+def ms(seconds):
+    """Seconds to milliseconds."""
+    return seconds * 1000.0
+
+
+def summary(samples):
+    """Median, p90, min and max (ms) of samples given in seconds."""
+    ordered = sorted(samples)
+    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
+    return {
+        "n": len(ordered),
+        "median_ms": round(ms(statistics.median(ordered)), 3),
+        "p90_ms": round(ms(p90), 3),
+        "min_ms": round(ms(ordered[0]), 3),
+        "max_ms": round(ms(ordered[-1]), 3),
+    }
+
+
+def median_ms(samples):
+    """The median of samples given in seconds, in ms."""
+    return ms(statistics.median(samples))
+
+
+def syncfs(path):
+    """Write back everything dirty on the filesystem of `path` (untimed),
+    so one measurement does not pay for the previous one's writes."""
+    subprocess.run(["sync", "-f", path], check=True)
+
+
+def _fsync_dir(directory):
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _floor_files(directory):
+    """A small durable file to rename, and the name to rename it to."""
+    src = os.path.join(directory, ".bench-floor-a")
+    dst = os.path.join(directory, ".bench-floor-b")
+    fd = os.open(src, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, os.urandom(64 * images.KIB))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(directory)
+    syncfs(directory)
+    return src, dst
+
+
+def _rename_durably(src, dst):
+    os.rename(src, dst)
+    _fsync_dir(os.path.dirname(dst))
+
+
+def floor_sample(directory):
+    """Seconds for a bare rename + directory fsync in `directory`.
+
+    The file renamed is a small, durable one (rename cost does not depend
+    on the size or extents of the file).
+    """
+    src, dst = _floor_files(directory)
+    start = time.perf_counter()
+    _rename_durably(src, dst)
+    elapsed = time.perf_counter() - start
+    os.unlink(dst)
+    return elapsed
+
+
+async def thread_floor_sample(directory):
+    """The floor as a non-blocking driver can reach it: the same rename +
+    directory fsync, run by `asyncio.to_thread` from the event loop."""
+    src, dst = _floor_files(directory)
+    start = time.perf_counter()
+    await asyncio.to_thread(_rename_durably, src, dst)
+    elapsed = time.perf_counter() - start
+    os.unlink(dst)
+    return elapsed
+
+
+def clone_sample(image, copies=1):
+    """Seconds for `copies` plain clones (FICLONE) of `image`, one after
+    the other, beside it; the clones are removed afterwards."""
+    directory = os.path.dirname(image)
+    targets = [
+        os.path.join(directory, f".bench-clone-{index}")
+        for index in range(copies)
+    ]
+    syncfs(directory)
+    start = time.perf_counter()
+    for target in targets:
+        images.clone(image, target)
+    elapsed = time.perf_counter() - start
+    for target in targets:
+        os.unlink(target)
+    return elapsed
+
+
+async def timed(awaitable):
+    """Seconds `awaitable` took, awaited on the running loop."""
+    start = time.perf_counter()
+    await awaitable
+    return time.perf_counter() - start
+
+
+class Ticker:
+    """Measure how long the event loop is blocked.
+
+    A task sleeps 1 ms in a loop; the longest time between two wake-ups,
+    less the 1 ms asked for, is the longest the loop could not run it.
+    """
+
+    PERIOD = 0.001
+
+    def __init__(self):
+        self.max_block = 0.0
+        self._task = None
+
+    async def _tick(self):
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(self.PERIOD)
+            now = time.perf_counter()
+            self.max_block = max(self.max_block, now - last - self.PERIOD)
+            last = now
+
+    async def __aenter__(self):
+        self.max_block = 0.0
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info):
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
