@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 
 log = logging.getLogger("qubes.storage.reflink")
@@ -438,6 +439,21 @@ def same_file(path_a, path_b):
     except FileNotFoundError:
         return False
     return os.path.samestat(stat_a, stat_b)
+
+
+def through_symlink(path, root):
+    """True if a component of `path` below the directory `root` is a
+    symbolic link (a missing component ends the check: nothing to follow).
+    """
+    current = root
+    for part in os.path.relpath(path, root).split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return True
+        except FileNotFoundError:
+            return False
+    return False
 
 
 def stat_or_none(path):

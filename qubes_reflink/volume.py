@@ -167,7 +167,7 @@ class ReflinkVolume(Volume):
         is reached through a symbolic link: then its files would lie
         outside the pool, and the driver never follows a link out of it."""
         for files in (self._files, self._start_files()):
-            if os.path.realpath(files.directory) != files.directory:
+            if fileops.through_symlink(files.directory, self.pool.root):
                 raise StoragePoolException(
                     f"Refusing to touch volume {self.vid}: {files.directory} "
                     "is (or lies below) a symbolic link, so it leads out of "
@@ -226,12 +226,13 @@ class ReflinkVolume(Volume):
                     expected=stat_result,
                 )
 
-    def _take_spare(self, files, key):
+    def _take_spare(self, files, key, target=None):
         """Rename the spare of version `key` found in `files`' directory to
-        this volume's running image; False if there is none."""
+        `target` (default: this volume's running image); False if there is
+        none."""
         _check_own_image(files.spare(key))
         try:
-            fileops.rename(files.spare(key), self._files.dirty)
+            fileops.rename(files.spare(key), target or self._files.dirty)
         except FileNotFoundError:
             return False
         return True
@@ -312,9 +313,16 @@ class ReflinkVolume(Volume):
 
     @_locked
     async def create(self):
-        """Make the volume's directory and, for an origin, an empty image."""
+        """Make the volume's directory and, for an origin, an empty image.
+
+        A volume that starts from a source adopts the source's spare right
+        away, so that even the first start (a new disposable VM) is a
+        rename within its own directory.
+        """
         size = options.parse_size(self._size)
-        await self._run("Creating", self._create, size)
+        adopted = await self._run("Creating", self._create, size)
+        if adopted:
+            self.source._prepare_spare_later()  # pylint: disable=W0212
         return self
 
     def _create(self, size):
@@ -324,7 +332,9 @@ class ReflinkVolume(Volume):
                 "filesystem mounted?"
             )
         fileops.make_dirs(self._files.directory)
-        if self.save_on_stop and not self.snap_on_start:
+        if self.snap_on_start:
+            return self._adopt_source_spare()
+        if self.save_on_stop:
             listing = self._files.scan()
             fileops.publish_sparse(
                 self._files.committed, self._files.temp(), size
@@ -333,6 +343,16 @@ class ReflinkVolume(Volume):
             fileops.remove_files(
                 [self._files.dirty] + [r.path for r in listing.revisions]
             )
+        return False
+
+    def _adopt_source_spare(self):
+        """Move a fresh spare of the source into this volume's directory."""
+        source = self._start_files()
+        stat_result = fileops.stat_or_none(source.committed)
+        if stat_result is None:
+            return False
+        key = layout.spare_key(stat_result)
+        return self._take_spare(source, key, self._files.spare(key))
 
     @_locked
     async def remove(self):

@@ -195,7 +195,8 @@ async def test_snapshot_start_after_own_stop_takes_own_spare(reflink_dir):
 
 
 async def test_new_snapshot_volume_borrows_source_spare(reflink_dir):
-    """A disposable VM: a new snapshot volume with no spare of its own."""
+    """A disposable VM: a new snapshot volume adopts its source's spare at
+    create(), so its first start is a rename within its own directory."""
     pool = await new_pool(reflink_dir)
     template_root = await stopped_origin(
         pool, FakeVM("dvm-tpl", "vm-templates"), name="root"
@@ -206,18 +207,11 @@ async def test_new_snapshot_volume_borrows_source_spare(reflink_dir):
     borrowed_inode = os.stat(borrowed[0]).st_ino
 
     disp_root = snapshot(pool, FakeVM("disp1234"), template_root)
-    await disp_root.create()
     with recording() as steps:
-        await disp_root.start()
-    seen = steps.snapshot()
-
-    assert count(seen, *COPIES) == 0
-    assert count(seen, "rename") == 1
-    assert spare_renames(seen, disp_root.path) == [
-        (borrowed[0], disp_root.path)
-    ]
-    assert os.stat(disp_root.path).st_ino == borrowed_inode
-    assert read_image(disp_root.path, len(OLD)) == OLD
+        await disp_root.create()
+    adopted = spares_of(os.path.dirname(disp_root.path), "root")
+    assert count(steps.snapshot(), *COPIES) == 0
+    assert [os.stat(path).st_ino for path in adopted] == [borrowed_inode]
 
     # the source makes itself a new spare in the background: one clone
     with recording() as steps:
@@ -225,9 +219,47 @@ async def test_new_snapshot_volume_borrows_source_spare(reflink_dir):
     assert count(steps.snapshot(), "clone") == 1
     assert len(spares_of(template_dir, "root")) == 1
 
+    with recording() as steps:
+        await disp_root.start()
+    seen = steps.snapshot()
+    assert count(seen, *COPIES) == 0
+    assert count(seen, "rename") == 1
+    assert spare_renames(seen, disp_root.path) == [(adopted[0], disp_root.path)]
+    assert os.stat(disp_root.path).st_ino == borrowed_inode
+    assert read_image(disp_root.path, len(OLD)) == OLD
+
     await disp_root.stop()
     await disp_root.remove()
     await pool.wait_background()
+
+
+async def test_snapshot_start_borrows_when_it_has_no_spare(reflink_dir):
+    """A snapshot volume whose spare is gone (created before the source
+    had one) borrows the source's at start: a rename across directories."""
+    pool = await new_pool(reflink_dir)
+    template_root = await stopped_origin(
+        pool, FakeVM("tpl", "vm-templates"), name="root"
+    )
+    template_dir = os.path.dirname(template_root.path)
+    appvm_root = snapshot(pool, FakeVM("work"), template_root)
+    await appvm_root.create()
+    await pool.wait_background()
+    for path in spares_of(os.path.dirname(appvm_root.path), "root"):
+        os.unlink(path)
+    borrowed = spares_of(template_dir, "root")
+    assert len(borrowed) == 1
+
+    with recording() as steps:
+        await appvm_root.start()
+    seen = steps.snapshot()
+    assert count(seen, *COPIES) == 0
+    assert spare_renames(seen, appvm_root.path) == [
+        (borrowed[0], appvm_root.path)
+    ]
+    assert read_image(appvm_root.path, len(OLD)) == OLD
+    await appvm_root.stop()
+    await pool.wait_background()
+    assert len(spares_of(template_dir, "root")) == 1
 
 
 # -- a stop clones nothing itself -------------------------------------------
