@@ -295,8 +295,10 @@ class VolumeFiles:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             names = []
+        own = (self.volume + ".", self.volume + "-")
         for name in names:
-            entry = classify(name)
+            # cheap prefix test first: other volumes' files need no regex
+            entry = classify(name) if name.startswith(own) else None
             if entry is None or entry.volume != self.volume:
                 continue
             path = os.path.join(self.directory, name)

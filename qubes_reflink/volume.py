@@ -166,10 +166,11 @@ class ReflinkVolume(Volume):
         """Run `func` unless a directory of the volume (or of its source)
         is reached through a symbolic link: then its files would lie
         outside the pool, and the driver never follows a link out of it."""
-        for files in (self._files, self._start_files()):
-            if fileops.through_symlink(files.directory, self.pool.root):
+        directories = {self._files.directory, self._start_files().directory}
+        for directory in sorted(directories):
+            if fileops.through_symlink(directory, self.pool.root):
                 raise StoragePoolException(
-                    f"Refusing to touch volume {self.vid}: {files.directory} "
+                    f"Refusing to touch volume {self.vid}: {directory} "
                     "is (or lies below) a symbolic link, so it leads out of "
                     f"the pool directory {self.pool.root}; remove the link"
                 )
