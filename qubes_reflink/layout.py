@@ -204,6 +204,11 @@ def probe_leftovers(directory):
     ]
 
 
+def prefix_dirs(pool_dir):
+    """The directories holding the VM directories of a pool."""
+    return [os.path.join(pool_dir, prefix) for prefix in DIR_PREFIXES]
+
+
 def volume_dirs(pool_dir):
     """The VM directories of a pool, as (dir_prefix, vm_name, path)."""
     for prefix in DIR_PREFIXES:

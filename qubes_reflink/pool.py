@@ -114,8 +114,8 @@ class ReflinkPool(Pool):
                 raise StoragePoolException(
                     NO_REFLINK_MESSAGE.format(dir_path=self.dir_path)
                 )
-            for prefix in layout.DIR_PREFIXES:
-                fileops.make_dirs(os.path.join(self.root, prefix))
+            for directory in layout.prefix_dirs(self.root):
+                fileops.make_dirs(directory)
         except BaseException:
             fileops.remove_empty_dirs(reversed(created))
             raise
