@@ -238,15 +238,6 @@ class Volume:
             )
         self._ephemeral = bool(value)
 
-    @property
-    def snapshots_disabled(self):
-        """True when the running image is the only copy (R4.2+ contract)."""
-        return (
-            self.revisions_to_keep == -1
-            and not self.snap_on_start
-            and self.save_on_stop
-        )
-
     async def export_end(self, path):
         """Default of the host: nothing to clean up."""
 

@@ -82,7 +82,8 @@ class ReflinkVolume(Volume):
 
     @property
     def snapshots_disabled(self):
-        """True when the running image is the only copy (R4.2+ contract)."""
+        """True when the running image is the only copy: the R4.2+ host's
+        own rule, spelled out so that older hosts get it too."""
         return (
             self.revisions_to_keep == -1
             and not self.snap_on_start

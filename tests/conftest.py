@@ -8,7 +8,7 @@ import tempfile
 import pytest
 
 from helpers import new_pool
-from loopfs import loop_filesystem, unavailable_reason
+from loopfs import on_demand
 
 from qubes_reflink import volume
 
@@ -28,17 +28,7 @@ def no_spare_grace(monkeypatch):
 def mounts():
     """Mount points of one filesystem of each type, made on first use."""
     with contextlib.ExitStack() as stack:
-        made = {}
-
-        def get(fstype):
-            reason = unavailable_reason(fstype)
-            if reason:
-                pytest.skip(reason)
-            if fstype not in made:
-                made[fstype] = stack.enter_context(loop_filesystem(fstype))
-            return made[fstype]
-
-        yield get
+        yield on_demand(stack)
 
 
 def _fresh_dir(mounts, fstype):

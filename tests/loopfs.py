@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
+
 MKFS = {
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
     "xfs": ["mkfs.xfs", "-q", "-f"],
@@ -37,13 +39,14 @@ def _run(*cmd):
 
 
 @contextlib.contextmanager
-def loop_filesystem(fstype, size=DEFAULT_SIZE, options=None):
+def loop_filesystem(fstype, size=DEFAULT_SIZE, options=None, parent=None):
     """Yield the mount point of a fresh `fstype` filesystem of `size` bytes.
 
-    The image file lives beside the mount point in a temporary directory on
-    the host filesystem and is removed afterwards.
+    The image file lives beside the mount point in a temporary directory
+    (in `parent`, default the system's temporary directory) and is removed
+    afterwards.
     """
-    workdir = tempfile.mkdtemp(prefix=f"qubes-reflink-{fstype}-")
+    workdir = tempfile.mkdtemp(prefix=f"qubes-reflink-{fstype}-", dir=parent)
     image = os.path.join(workdir, "image")
     mountpoint = os.path.join(workdir, "mnt")
     os.mkdir(mountpoint)
@@ -69,3 +72,22 @@ def unmount(mountpoint):
     )
     if result.returncode != 0:
         subprocess.run(["umount", "-l", mountpoint], check=False)
+
+
+def on_demand(stack, parent=None):
+    """A function giving the mount point of one filesystem per type, made
+    on first use and unmounted when `stack` (an ExitStack) closes; it skips
+    the calling test when that type can't be made here."""
+    made = {}
+
+    def get(fstype):
+        reason = unavailable_reason(fstype)
+        if reason:
+            pytest.skip(reason)
+        if fstype not in made:
+            made[fstype] = stack.enter_context(
+                loop_filesystem(fstype, parent=parent)
+            )
+        return made[fstype]
+
+    return get

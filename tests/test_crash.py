@@ -25,7 +25,7 @@ import tempfile
 import pytest
 
 import crashharness
-from loopfs import loop_filesystem, unavailable_reason
+from loopfs import on_demand
 
 HARNESS = os.path.join(os.path.dirname(__file__), "crashharness.py")
 SUMMARY = os.environ.get(
@@ -146,23 +146,9 @@ def crash_mounts():
     (/dev/shm) when it exists: the filesystems are as real, and the
     hundreds of fsyncs of a crash run cost little."""
     with contextlib.ExitStack() as stack:
-        made = {}
-
-        def get(fstype):
-            reason = unavailable_reason(fstype)
-            if reason:
-                pytest.skip(reason)
-            if fstype not in made:
-                saved = tempfile.tempdir
-                if os.path.isdir("/dev/shm"):
-                    tempfile.tempdir = "/dev/shm"
-                try:
-                    made[fstype] = stack.enter_context(loop_filesystem(fstype))
-                finally:
-                    tempfile.tempdir = saved
-            return made[fstype]
-
-        yield get
+        yield on_demand(
+            stack, "/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
 
 
 @pytest.fixture(scope="module")
