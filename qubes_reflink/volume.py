@@ -9,8 +9,9 @@ Starting a VM should cost a rename, not a clone.  So each volume keeps a
 the identity (inode, mtime, size) of that committed image.  A start renames
 a fresh spare into place; a stale one is never used (its name no longer
 matches) and is removed.  Spares are made after an operation returns, in
-the background but under the volume's lock; a snapshot volume with no spare
-of its own (a new disposable VM) borrows its source's.
+the background but under the volume's lock.  A new snapshot volume (a
+disposable VM) adopts its source's spare when it is created, and a snapshot
+volume without a spare of its own borrows the source's at start.
 """
 
 import asyncio
