@@ -169,21 +169,23 @@ class ReflinkPool(Pool):
         """The volume `vid`; KeyError if this pool has none of that id."""
         return self._volumes[vid]
 
+    def _filesystem_usage(self):
+        """(size, used) of the pool's filesystem; Nones if it is missing
+        (an unmounted pool must not break qvm-pool or the disk widget)."""
+        try:
+            return fileops.filesystem_usage(self.root)
+        except OSError:
+            return None, None
+
     @property
     def size(self):
         """Size in bytes of the filesystem holding the pool."""
-        try:
-            return fileops.filesystem_usage(self.root)[0]
-        except OSError:
-            return None
+        return self._filesystem_usage()[0]
 
     @property
     def usage(self):
         """Bytes in use on the filesystem holding the pool."""
-        try:
-            return fileops.filesystem_usage(self.root)[1]
-        except OSError:
-            return None
+        return self._filesystem_usage()[1]
 
     def included_in(self, app):
         """The pool whose directory contains this one's, if any."""
