@@ -201,33 +201,20 @@ async def test_resize_of_stopped_volume_fails_cleanly_on_full_ext4():
         assert not leftovers(pool.root)
 
 
-async def test_import_volume_same_pool_fails_cleanly_on_full_ext4():
-    """The 'reflink' path (same filesystem) copies on ext4."""
-    with small_fs("ext4") as mnt:
-        pool = await new_pool(mnt, setup_check="no")
-        source = await committed_volume(pool, "src", "S")
-        target = await committed_volume(pool, "dst", "T")
-        revisions = target.revisions
-        fill(mnt)
-        with pytest.raises(StoragePoolException) as excinfo:
-            await target.import_volume(source)
-        assert_disk_full(excinfo)
-        assert_intact(target, "T", revisions)
-        assert_intact(source, "S")
-        assert not leftovers(pool.root)
-
-
 @pytest.mark.parametrize(
     "target_fs, source_fs",
-    [("ext4", "btrfs"), ("btrfs", "ext4"), ("xfs", "ext4")],
+    [("ext4", None), ("ext4", "btrfs"), ("btrfs", "ext4"), ("xfs", "ext4")],
 )
-async def test_import_volume_across_filesystems_fails_cleanly_when_full(
-    target_fs, source_fs
-):
-    """The fallback path: export of the source, copy into the target."""
-    with small_fs(source_fs) as src_mnt, small_fs(target_fs) as mnt:
-        src_pool = await new_pool(src_mnt, **_pool_options(source_fs))
+async def test_import_volume_fails_cleanly_when_full(target_fs, source_fs):
+    """Both paths: from the same pool (which copies on ext4), and the
+    fallback (export of the source, copy into the target)."""
+    with contextlib.ExitStack() as stack:
+        mnt = stack.enter_context(small_fs(target_fs))
         pool = await new_pool(mnt, **_pool_options(target_fs))
+        src_pool = pool
+        if source_fs:
+            src_mnt = stack.enter_context(small_fs(source_fs))
+            src_pool = await new_pool(src_mnt, **_pool_options(source_fs))
         source = await committed_volume(src_pool, "src", "S")
         target = await committed_volume(pool, "dst", "T")
         revisions = target.revisions

@@ -308,6 +308,20 @@ async def test_origin_stop_links_and_renames(reflink_dir, revisions_to_keep):
 # -- a stale spare is never used --------------------------------------------
 
 
+async def assert_start_ignores_stale_spare(volume, stale, expected):
+    """Start `volume`: it must clone (not rename `stale`), see `expected`,
+    and leave `stale` removed."""
+    with recording() as steps:
+        await volume.start()
+    seen = steps.snapshot()
+    assert count(seen, "clone") == 1
+    assert spare_renames(seen, volume.path) == []
+    assert read_image(volume.path, len(expected)) == expected
+    assert not os.path.exists(stale)
+    await volume.stop()
+    await volume.pool.wait_background()
+
+
 async def test_stale_snapshot_spare_after_template_update(reflink_dir):
     """The template committed new data after the AppVM's spare was made.
 
@@ -332,17 +346,8 @@ async def test_stale_snapshot_spare_after_template_update(reflink_dir):
     write_image(template_root.path, b"running, uncommitted")
     assert spares_of(os.path.dirname(template_root.path), "root") == []
 
-    with recording() as steps:
-        await appvm_root.start()
-    seen = steps.snapshot()
-
-    assert count(seen, "clone") == 1
-    assert spare_renames(seen, appvm_root.path) == []
-    assert read_image(appvm_root.path, len(NEW)) == NEW
-    assert not os.path.exists(stale[0])
+    await assert_start_ignores_stale_spare(appvm_root, stale[0], NEW)
     assert stale[0] not in spares_of(appvm_dir, "root")
-
-    await appvm_root.stop()
     await template_root.stop()
     await pool.wait_background()
 
@@ -366,16 +371,7 @@ async def test_stale_origin_spare_planted_by_hand(reflink_dir):
     os.rename(keep, old_spare)
     assert read_image(old_spare, len(OLD)) == OLD
 
-    with recording() as steps:
-        await vol.start()
-    seen = steps.snapshot()
-
-    assert count(seen, "clone") == 1
-    assert spare_renames(seen, vol.path) == []
-    assert read_image(vol.path, len(NEW)) == NEW
-    assert not os.path.exists(old_spare)
-    await vol.stop()
-    await pool.wait_background()
+    await assert_start_ignores_stale_spare(vol, old_spare, NEW)
 
 
 async def test_spare_with_wrong_key_is_removed_not_used(reflink_dir):
@@ -394,16 +390,7 @@ async def test_spare_with_wrong_key_is_removed_not_used(reflink_dir):
     os.rename(fresh, planted)
     write_image(planted, NEW)  # would be visible if the start took it
 
-    with recording() as steps:
-        await vol.start()
-    seen = steps.snapshot()
-
-    assert count(seen, "clone") == 1
-    assert spare_renames(seen, vol.path) == []
-    assert read_image(vol.path, len(OLD)) == OLD
-    assert not os.path.exists(planted)
-    await vol.stop()
-    await pool.wait_background()
+    await assert_start_ignores_stale_spare(vol, planted, OLD)
 
 
 # -- a start waits for the spare being made ---------------------------------
