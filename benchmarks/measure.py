@@ -7,6 +7,7 @@ FICLONE of the same image, as a driver that clones at start would pay.
 """
 
 import asyncio
+import gc
 import math
 import os
 import statistics
@@ -100,7 +101,9 @@ async def thread_floor_sample(directory):
 
 def clone_sample(image, copies=1):
     """Seconds for `copies` plain clones (FICLONE) of `image`, one after
-    the other, beside it; the clones are removed afterwards."""
+    the other, beside it; the clones are removed afterwards, and that
+    written back, so the next measurement does not pay for it (btrfs
+    frees the extents of a removed file in its next transaction)."""
     directory = os.path.dirname(image)
     targets = [
         os.path.join(directory, f".bench-clone-{index}")
@@ -113,6 +116,7 @@ def clone_sample(image, copies=1):
     elapsed = time.perf_counter() - start
     for target in targets:
         os.unlink(target)
+    syncfs(directory)
     return elapsed
 
 
@@ -128,13 +132,29 @@ class Ticker:
 
     A task sleeps 1 ms in a loop; the longest time between two wake-ups,
     less the 1 ms asked for, is the longest the loop could not run it.
+
+    Python's garbage collector stops every thread while it runs, for a
+    time that grows with the number of objects of the whole process.  So
+    the window starts with a full collection (untimed, as `syncfs` before a
+    sample): a collection owed to earlier work does not fall into it.  The
+    collections that still run inside the window are recorded:
+    `max_gc` is the longest.
     """
 
     PERIOD = 0.001
 
     def __init__(self):
         self.max_block = 0.0
+        self.max_gc = 0.0
+        self._gc_started = None
         self._task = None
+
+    def _on_gc(self, phase, _info):
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_started = now
+        elif self._gc_started is not None:
+            self.max_gc = max(self.max_gc, now - self._gc_started)
 
     async def _tick(self):
         last = time.perf_counter()
@@ -145,12 +165,15 @@ class Ticker:
             last = now
 
     async def __aenter__(self):
-        self.max_block = 0.0
+        self.max_block = self.max_gc = 0.0
+        gc.collect()
+        gc.callbacks.append(self._on_gc)
         self._task = asyncio.get_running_loop().create_task(self._tick())
         await asyncio.sleep(0)
         return self
 
     async def __aexit__(self, *exc_info):
+        gc.callbacks.remove(self._on_gc)
         self._task.cancel()
         try:
             await self._task

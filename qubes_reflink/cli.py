@@ -203,12 +203,19 @@ def cmd_status(args, out):
             out.line("  (list them with -v)")
         for path in unknown if args.verbose else ():
             out.line(f"  {path}")
+    if scan.trash:
+        out.line()
+        out.line(
+            f"{len(scan.trash)} discarded images in the trash, deleted in "
+            "the background by qubesd (or by 'fsck --repair')"
+        )
     out.data(
         {
             "pool_dir": pool_dir,
             "fstype": fstype,
             "volumes": volumes,
             "unknown": unknown,
+            "trash": scan.trash,
         }
     )
     return EXIT_OK

@@ -52,11 +52,12 @@ class FileInfo(NamedTuple):
 
 
 class PoolScan(NamedTuple):
-    """Every file of a pool's VM directories, by volume."""
+    """Every file of a pool's VM directories, by volume, and its trash."""
 
     pool_dir: str
     volumes: dict  # vid -> [FileInfo], committed image first
     unknown: list  # FileInfo of files the layout has no name for
+    trash: list  # paths of discarded images not deleted yet
 
 
 class Problem(NamedTuple):
@@ -192,7 +193,12 @@ def scan_pool(pool_dir, attached=None):
         )
     for files in volumes.values():
         files.sort(key=_sort_key)
-    return PoolScan(pool_dir, dict(sorted(volumes.items())), unknown)
+    return PoolScan(
+        pool_dir,
+        dict(sorted(volumes.items())),
+        unknown,
+        layout.trash_entries(pool_dir),
+    )
 
 
 def _state(entry, vid, spare_keys, running):
@@ -289,6 +295,12 @@ def find_problems(scan):
         problems += _volume_problems(files)
         for info in files:
             problems += _file_problems(info)
+    problems += [
+        Problem(
+            path, "trash", "image a stop discarded, not deleted yet", REMOVE
+        )
+        for path in scan.trash
+    ]
     return sorted(problems)
 
 

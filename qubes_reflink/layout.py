@@ -18,6 +18,7 @@ the ``*.img*`` patterns that keep loop devices private to dom0.
 import os
 import re
 import secrets
+import stat
 from typing import NamedTuple
 
 #: The only VM directory prefixes dom0's udev rules hide loop devices for.
@@ -201,6 +202,43 @@ def probe_leftovers(directory):
         for name in names
         if name.startswith(_PROBE_PREFIX)
         and re.fullmatch(_TOKEN, name[len(_PROBE_PREFIX) :])
+    ]
+
+
+#: Directory of the pool where discarded images wait to be deleted.
+TRASH_DIR = ".qubes-reflink-trash"
+_TRASH_NAME = re.compile(r"[0-9a-f]{16}\.img~trash\Z")
+
+
+def trash_path(pool_dir):
+    """A fresh name in the pool's trash for a discarded image.
+
+    The trash lies beside the VM directories, not in them: a VM directory
+    shows its final state as soon as an operation returns, and a VM
+    directory can be removed while its discarded images are deleted.
+    """
+    return os.path.join(
+        pool_dir, TRASH_DIR, f"{secrets.token_hex(8)}.img~trash"
+    )
+
+
+def trash_entries(pool_dir):
+    """The discarded images waiting in the pool's trash.
+
+    Only names the driver gives (`trash_path`) count, and only in a real
+    directory: a symbolic link planted there is never followed.
+    """
+    directory = os.path.join(pool_dir, TRASH_DIR)
+    try:
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            return []
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    return [
+        os.path.join(directory, name)
+        for name in names
+        if _TRASH_NAME.fullmatch(name)
     ]
 
 

@@ -8,6 +8,7 @@ import os
 from . import fileops, layout, options
 from .errors import storage_error
 from .host import Pool, StoragePoolException
+from .trash import Trash
 from .volume import LiveState, ReflinkVolume
 
 DEFAULT_DRIVER_NAME = "file-reflink"
@@ -63,6 +64,8 @@ class ReflinkPool(Pool):
         self.root = os.path.realpath(self.dir_path)
         self._volumes = {}
         self._live = {}
+        #: where stops put the images they discard, emptied in the background
+        self.trash = Trash(self)
 
     @property
     def driver(self):
@@ -125,10 +128,12 @@ class ReflinkPool(Pool):
         await self.wait_background()
 
     async def wait_background(self):
-        """Wait until no volume of this pool is preparing a spare."""
+        """Wait until no volume of this pool is preparing a spare, and the
+        trash is empty."""
         tasks = [s.background for s in self._live.values() if s.background]
         if tasks:
             await asyncio.wait(tasks)
+        await self.trash.wait()
 
     def init_volume(self, vm, volume_config):
         """The Volume object for a VM's volume; touches nothing on disk."""

@@ -59,8 +59,11 @@ def _locked(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         await self.settle()
-        async with self._lock:  # pylint: disable=protected-access
-            return await method(self, *args, **kwargs)
+        try:
+            async with self._lock:  # pylint: disable=protected-access
+                return await method(self, *args, **kwargs)
+        finally:
+            self.pool.trash.sweep_later()
 
     return wrapper
 
@@ -310,7 +313,7 @@ class ReflinkVolume(Volume):
     def _prune(self, keep):
         revisions = self._files.scan().revisions
         excess = revisions[: max(len(revisions) - keep, 0)]
-        fileops.remove_files(rev.path for rev in excess)
+        self.pool.trash.discard(rev.path for rev in excess)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -467,6 +470,8 @@ class ReflinkVolume(Volume):
         VM that is not running.
         """
         prepare = await self._run("Stopping", self._stop)
+        # also what a crash left in the trash: this is the recovery path
+        self.pool.trash.sweep_later(always=True)
         if prepare:
             self._prepare_spare_later(
                 SNAPSHOT_SPARE_DELAY if not self.save_on_stop else 0.0
@@ -481,7 +486,8 @@ class ReflinkVolume(Volume):
         if not self.save_on_stop:
             if not self.snap_on_start:  # keep a resize for the next start
                 self._size = os.stat(files.dirty).st_size
-            fileops.remove_files([files.dirty, files.base])
+            self.pool.trash.discard([files.dirty])
+            fileops.remove_files([files.base])
             return self.snap_on_start
         if self.snapshots_disabled:
             fileops.publish(files.dirty, files.committed)

@@ -10,7 +10,7 @@ import pytest
 from helpers import new_pool
 from loopfs import on_demand
 
-from qubes_reflink import volume
+from qubes_reflink import trash, volume
 
 REFLINK_FILESYSTEMS = ("btrfs", "xfs")
 ALL_FILESYSTEMS = ("btrfs", "xfs", "ext4")
@@ -22,6 +22,12 @@ def no_spare_grace(monkeypatch):
     `pool.wait_background()` need not sit out the grace period meant for
     disposable VMs (tests of that period set it back)."""
     monkeypatch.setattr(volume, "SNAPSHOT_SPARE_DELAY", 0.0)
+
+
+@pytest.fixture(autouse=True)
+def no_sweep_delay(monkeypatch):
+    """The trash is swept right after a stop in tests, for the same reason."""
+    monkeypatch.setattr(trash, "SWEEP_DELAY", 0.0)
 
 
 @pytest.fixture(scope="session")

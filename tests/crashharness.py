@@ -39,13 +39,14 @@ import threading
 import traceback
 from typing import NamedTuple
 
-from qubes_reflink import ReflinkPool, fileops, layout, volume
+from qubes_reflink import ReflinkPool, fileops, layout, trash, volume
 from qubes_reflink.host import StoragePoolException
 
 # Spares of snapshot volumes are made right after their stop here, as in
 # the other tests (conftest.no_spare_grace): waiting out the grace period
 # at every one of hundreds of crash points would only cost time.
 volume.SNAPSHOT_SPARE_DELAY = 0.0
+trash.SWEEP_DELAY = 0.0
 
 MIB = 1024**2
 SIZE = MIB
@@ -839,6 +840,8 @@ def observe(world):
 def check_files(world, errors, where, extra_revisions=1):
     """Leftovers and disagreements between objects and files."""
     for pool in world.pools.values():
+        for path in layout.trash_entries(pool.root):
+            errors.append(f"{where}: trash not emptied: {path}")
         for root, _dirs, names in os.walk(pool.root):
             for name in names:
                 path = os.path.join(root, name)

@@ -177,12 +177,19 @@ async def test_logging_of_file_changes(any_dir, caplog):
             )
             for m in messages
         ), messages
-        assert f"removed {dirty(vol)}" in messages
+        # discarded images go to the trash, which is emptied in the
+        # background: both steps are logged
+        trashed = [
+            m.split(" to ")[1].split(",")[0]
+            for m in messages
+            if m.startswith("moved ")
+        ]
+        assert any(m.startswith(f"moved {dirty(vol)} to ") for m in messages)
         if cycle == 1:  # revision 1 pruned
             assert any(
-                m.startswith(f"removed {committed(private)}.1@")
-                for m in messages
+                m.startswith(f"moved {committed(private)}.1@") for m in messages
             ), messages
+        assert trashed and all(f"removed {t}" in messages for t in trashed)
         # the spare made in the background is logged too
         assert any("private.img~spare." in m for m in messages), messages
     # every path logged is absolute

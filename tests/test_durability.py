@@ -11,8 +11,8 @@ snapshots disabled, remove) under ``strace -f``.  From the trace we check:
   matched to paths through the results of openat), and is followed by an
   fsync of its directories before the operation returns;
 - every hard link and every removal of a file that held committed data (a
-  committed image or a revision) is followed by an fsync of its directory
-  before the operation returns.
+  committed image or a revision), by unlink or by a move to the trash, is
+  followed by an fsync of its directory before the operation returns.
 
 The lifecycle marks the boundaries of the operations in the trace by
 opening a path that does not exist.
@@ -212,6 +212,9 @@ class DurabilityChecker:
                 )
             self._owe(dst, f"rename {src} -> {dst}")
             self._owe(src, f"rename {src} -> {dst} (source directory)")
+        if _kind(src) in COMMITTED_DATA_KINDS:  # a revision to the trash
+            self.checked["removal"] += 1
+            self._owe(src, f"rename {src} -> {dst} (taken away)")
         if src in self.synced:
             self.synced.add(dst)
         else:

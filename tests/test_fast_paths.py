@@ -287,8 +287,17 @@ async def test_origin_stop_links_and_renames(reflink_dir, revisions_to_keep):
 
     assert count(in_stop, *COPIES) == 0
     assert count(in_stop, "link") == 1
-    assert [paths for step, paths in in_stop if step == "rename"] == [
-        (vol.path, committed)
+    renames = [paths for step, paths in in_stop if step == "rename"]
+    assert renames[0] == (vol.path, committed)
+    # a pruned revision goes to the trash, deleted in the background
+    pruned = renames[1:]
+    assert len(pruned) == (1 if revisions_to_keep == 1 else 0)
+    for src, dst in pruned:
+        assert kind_of(src) == "revision"
+        assert os.path.dirname(dst) == os.path.join(pool.root, layout.TRASH_DIR)
+    assert count(in_stop, "unlink") == 0
+    assert [paths[0] for step, paths in in_background if step == "unlink"] == [
+        dst for _src, dst in pruned
     ]
     assert count(in_background, "clone") == 1
     assert count(in_background, "copy") == 0
