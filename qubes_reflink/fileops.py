@@ -364,32 +364,37 @@ def remove_files(paths, durable=True):
     return removed
 
 
-def discard(path, trash_path):
-    """Take `path` away now and leave its deletion for later.
+def discard(moves):
+    """Take files away now and leave their deletion for later.
 
     Deleting a file whose extents are shared with other files costs time in
     proportion to its extents (a third of a second at 30,000 on btrfs) that
-    a VM's stop need not wait for.  So `path` is renamed to `trash_path`
-    and its directory fsynced: once this returns, `path` is durably gone.
-    Where the trash can't take it (on another filesystem, as a VM directory
-    on a mount or subvolume of its own; a trash directory that is a
-    symbolic link, never followed; any other error), `path` is removed
-    here instead, as it would be without a trash.  Returns True if it went
-    to the trash.
+    a VM's stop need not wait for.  So each `path` of the (path, trash_path)
+    pairs `moves` is renamed to its `trash_path`, and their directories are
+    fsynced: once this returns, they are durably gone.  Where the trash
+    can't take a file (on another filesystem, as a VM directory on a mount
+    or subvolume of its own; a trash directory that is a symbolic link,
+    never followed; any other error), it is removed here instead, as it
+    would be without a trash.  Missing files are fine.  Returns the paths
+    moved to the trash.
     """
-    try:
-        _move_into_trash(path, trash_path)
-    except FileNotFoundError:
-        if not os.path.lexists(path):
-            return False
-        remove_files([path])  # the trash directory went away meanwhile
-        return False
-    except OSError as err:
-        log.info("%s can't go to the trash (%s): removing it now", path, err)
-        remove_files([path])
-        return False
-    _fsync_dirs(path)
-    return True
+    moved = []
+    for path, trash_path in moves:
+        try:
+            _move_into_trash(path, trash_path)
+        except FileNotFoundError:
+            if os.path.lexists(path):  # the trash went away meanwhile
+                remove_files([path])
+            continue
+        except OSError as err:
+            log.info(
+                "%s can't go to the trash (%s): removing it now", path, err
+            )
+            remove_files([path])
+            continue
+        moved.append(path)
+    _fsync_dirs(*moved)
+    return moved
 
 
 def _move_into_trash(path, trash_path):

@@ -5,7 +5,8 @@ volume's commit prunes, the running image of a snapshot or volatile volume.
 With reflinks, deleting a file costs time in proportion to its extents (a
 third of a second at 30,000 on btrfs), which a VM's shutdown need not wait
 for.  So the stop moves them into the pool's trash directory (a rename) and
-a background task of the pool deletes them.
+a background task of the pool deletes them.  The end of an export and the
+removal of a volume discard their files the same way.
 
 Nothing in the trash is ever read again.  What a crash leaves there is
 deleted by the next sweep, which every stop asks for: qubesd calls stop()
@@ -36,9 +37,9 @@ class Trash:
     def discard(self, paths):
         """Take `paths` away now; they are deleted by the next sweep.
         Runs in a worker thread."""
-        for path in paths:
-            if fileops.discard(path, layout.trash_path(self._pool.root)):
-                self._filled = True
+        root = self._pool.root
+        if fileops.discard((path, layout.trash_path(root)) for path in paths):
+            self._filled = True
 
     def sweep_later(self, always=False):
         """After an operation, on the event loop: empty the trash in the

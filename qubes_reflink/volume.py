@@ -372,7 +372,7 @@ class ReflinkVolume(Volume):
         files = self._files
         listing = files.scan()
         self._remove_stale(listing)
-        fileops.remove_files(
+        self.pool.trash.discard(
             [files.dirty, files.base]
             + list(listing.spares.values())
             + list(listing.imports)  # an import in progress ends with us
@@ -486,8 +486,7 @@ class ReflinkVolume(Volume):
         if not self.save_on_stop:
             if not self.snap_on_start:  # keep a resize for the next start
                 self._size = os.stat(files.dirty).st_size
-            self.pool.trash.discard([files.dirty])
-            fileops.remove_files([files.base])
+            self.pool.trash.discard([files.dirty, files.base])
             return self.snap_on_start
         if self.snapshots_disabled:
             fileops.publish(files.dirty, files.committed)
@@ -522,7 +521,10 @@ class ReflinkVolume(Volume):
                 f"{path!r} is not an export of volume {self.vid} in use"
             )
         self._live.exports.discard(path)
-        await self._run("Ending export", fileops.remove_files, [path])
+        try:
+            await self._run("Ending export", self.pool.trash.discard, [path])
+        finally:
+            self.pool.trash.sweep_later()
 
     @_locked
     async def import_data(self, size):

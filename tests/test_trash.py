@@ -5,6 +5,7 @@ Discarded images are the running image of a snapshot or volatile volume
 and the revisions a commit prunes.  Each test follows them by inode.
 """
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from helpers import (
     volatile,
     write_image,
 )
-from qubes_reflink import cli, layout
+from qubes_reflink import cli, layout, trash
 
 JUNK = b"left by a crash"
 
@@ -189,3 +190,52 @@ async def test_fsck_reports_and_empties_the_trash(reflink_dir, capsys):
     assert not os.path.exists(left)
     assert cli.main(["status", pool.root]) == 0
     assert "trash" not in capsys.readouterr().out
+
+
+async def test_export_end_and_remove_use_the_trash(reflink_dir, monkeypatch):
+    """The end of an export and the removal of a volume take their files
+    away at once, the same way."""
+    # the sweep waits as in qubesd: the trash is looked at before it runs
+    monkeypatch.setattr(trash, "SWEEP_DELAY", 1.0)
+    pool = await new_pool(reflink_dir)
+    volume = origin(pool, FakeVM("work"))
+    await volume.create()
+    await volume.start()
+    write_image(volume.path, b"kept")
+    await volume.stop()
+    await pool.wait_background()
+    vm_dir = os.path.dirname(volume.path)
+    committed = os.stat(os.path.join(vm_dir, "private.img")).st_ino
+
+    export = await volume.export()
+    exported = os.stat(export).st_ino
+    await volume.export_end(export)
+    assert not os.path.exists(export)
+    assert exported in inodes_in(trash_dir(pool))
+
+    await volume.remove()
+    assert not os.path.exists(vm_dir)
+    assert committed in inodes_in(trash_dir(pool))
+    await pool.wait_background()
+    assert layout.trash_entries(pool.root) == []
+
+
+async def test_a_burst_of_stops_is_swept_in_one_pass(any_dir, monkeypatch):
+    """qubesd stopping many VMs at once: one sweep after their stops."""
+    monkeypatch.setattr(trash, "SWEEP_DELAY", 0.3)
+    pool = await new_pool(any_dir, setup_check="no")
+    passes = []
+    empty = trash.Trash._empty
+    monkeypatch.setattr(
+        trash.Trash, "_empty", lambda self: passes.append(empty(self))
+    )
+    volumes = [volatile(pool, FakeVM(f"vm{i}"), size=MIB) for i in range(3)]
+    for volume in volumes:
+        await volume.create()
+        await volume.start()
+
+    await asyncio.gather(*(volume.stop() for volume in volumes))
+    assert len(layout.trash_entries(pool.root)) == 3
+    await pool.wait_background()
+    assert len(passes) == 1
+    assert layout.trash_entries(pool.root) == []
