@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
 # pylint: disable=wrong-import-position
 from loopfs import loop_filesystem, unavailable_reason  # noqa: E402
 
-from qubes_reflink import ReflinkPool  # noqa: E402
+from qubes_reflink import ReflinkPool, layout  # noqa: E402
 
 MIB = 1024**2
 
@@ -39,9 +39,13 @@ class VM:
 
 
 def show_tree(root):
-    """Print the pool's files with apparent size and allocated bytes."""
+    """Print the pool's files with apparent size and allocated bytes; the
+    trash, emptied in the background, as one line."""
+    trash = layout.trash_entries(root)
     for top, dirs, files in os.walk(root):
         dirs.sort()
+        if top == os.path.join(root, layout.TRASH_DIR):
+            continue
         for name in sorted(files):
             path = os.path.join(top, name)
             stat = os.stat(path, follow_symlinks=False)
@@ -50,6 +54,11 @@ def show_tree(root):
                 f"{stat.st_size // MIB:5} MiB  "
                 f"{stat.st_blocks * 512 // 1024:7} KiB used"
             )
+    if trash:
+        print(
+            f"    {layout.TRASH_DIR}/: {len(trash)} discarded images, to be "
+            "deleted in the background"
+        )
 
 
 class Tour:
@@ -220,7 +229,11 @@ async def main_async(pool_dir, reflinks):
         f"{(time.perf_counter() - began) * 1000:.1f} ms; config: {pool.config}"
     )
     await tour(pool)
-    await pool.destroy()
+    began = time.perf_counter()
+    await pool.destroy()  # waits for the background work
+    took = (time.perf_counter() - began) * 1000
+    print(f"\n== background work finished: trash emptied  ({took:.1f} ms)")
+    show_tree(pool.root)
 
 
 def main():
