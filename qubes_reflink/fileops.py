@@ -36,6 +36,11 @@ _NO_CLONE = frozenset(
 #: errno values by which copy_file_range declines a pair of files.
 _NO_COPY_RANGE = _NO_CLONE | {errno.EBADF, errno.EPERM}
 
+#: errno values by which rmdir finds nothing to do: not empty, missing, or
+#: not a directory (a symbolic link is never followed).
+_NOT_REMOVABLE_DIR = frozenset(
+    {errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST, errno.ENOTDIR}
+)
 _DIRECTORY_NOFOLLOW = (
     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 )
@@ -462,7 +467,7 @@ def remove_empty_dirs(paths):
             with _step("rmdir", directory):
                 os.rmdir(directory)
         except OSError as err:
-            if err.errno in (errno.ENOTEMPTY, errno.ENOENT, errno.EEXIST):
+            if err.errno in _NOT_REMOVABLE_DIR:
                 continue
             raise
         log.info("removed directory %s", directory)

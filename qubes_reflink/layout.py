@@ -12,7 +12,9 @@ where vid is ``appvms/<vm>/<volume>`` or ``vm-templates/<vm>/<volume>``.
 Every other file the driver makes is ``<vid>.img~<kind>.<token>`` (or
 ``<vid>.img~base``): the ``~`` can appear in no volume or VM name, so these
 names can never be taken for an image or a revision, and they still match
-the ``*.img*`` patterns that keep loop devices private to dom0.
+the ``*.img*`` patterns that keep loop devices private to dom0.  Beside the
+VM directories the pool holds only throwaway probe files (`probe_path`) and
+the trash of discarded images (`trash_path`).
 """
 
 import os
@@ -193,21 +195,31 @@ def probe_path(directory):
 
 def probe_leftovers(directory):
     """Probe files that a process killed while probing left in `directory`."""
+    return _entries(
+        directory,
+        lambda name: name.startswith(_PROBE_PREFIX)
+        and re.fullmatch(_TOKEN, name[len(_PROBE_PREFIX) :]),
+    )
+
+
+def _entries(directory, wanted):
+    """Paths of the entries of `directory` whose names `wanted` accepts,
+    sorted; none if `directory` is missing."""
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return []
-    return [
-        os.path.join(directory, name)
-        for name in names
-        if name.startswith(_PROBE_PREFIX)
-        and re.fullmatch(_TOKEN, name[len(_PROBE_PREFIX) :])
-    ]
+    return [os.path.join(directory, name) for name in names if wanted(name)]
 
 
 #: Directory of the pool where discarded images wait to be deleted.
 TRASH_DIR = ".qubes-reflink-trash"
-_TRASH_NAME = re.compile(r"[0-9a-f]{16}\.img~trash\Z")
+_TRASH_NAME = re.compile(r"[0-9a-f]{16}\.discarded\Z")
+
+
+def trash_dir(pool_dir):
+    """The pool's trash directory."""
+    return os.path.join(pool_dir, TRASH_DIR)
 
 
 def trash_path(pool_dir):
@@ -215,10 +227,11 @@ def trash_path(pool_dir):
 
     The trash lies beside the VM directories, not in them: a VM directory
     shows its final state as soon as an operation returns, and a VM
-    directory can be removed while its discarded images are deleted.
+    directory can be removed while its discarded images are deleted.  The
+    name matches none of the image patterns (``*.img*``).
     """
     return os.path.join(
-        pool_dir, TRASH_DIR, f"{secrets.token_hex(8)}.img~trash"
+        trash_dir(pool_dir), f"{secrets.token_hex(8)}.discarded"
     )
 
 
@@ -228,18 +241,13 @@ def trash_entries(pool_dir):
     Only names the driver gives (`trash_path`) count, and only in a real
     directory: a symbolic link planted there is never followed.
     """
-    directory = os.path.join(pool_dir, TRASH_DIR)
+    directory = trash_dir(pool_dir)
     try:
         if not stat.S_ISDIR(os.lstat(directory).st_mode):
             return []
-        names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return []
-    return [
-        os.path.join(directory, name)
-        for name in names
-        if _TRASH_NAME.fullmatch(name)
-    ]
+    return _entries(directory, _TRASH_NAME.fullmatch)
 
 
 def prefix_dirs(pool_dir):

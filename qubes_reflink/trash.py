@@ -15,6 +15,7 @@ for every volume when it starts, its crash recovery.
 
 import asyncio
 import logging
+import threading
 
 from . import fileops, layout
 
@@ -33,13 +34,24 @@ class Trash:
         self._filled = False  # set by worker threads, read on the loop
         self._wanted = False
         self._sweeper = None
+        # discards under way in worker threads: the sweep removes the empty
+        # trash directory only while there are none
+        self._moving = 0
+        self._moving_lock = threading.Lock()
 
     def discard(self, paths):
         """Take `paths` away now; they are deleted by the next sweep.
         Runs in a worker thread."""
         root = self._pool.root
-        if fileops.discard((path, layout.trash_path(root)) for path in paths):
-            self._filled = True
+        with self._moving_lock:
+            self._moving += 1
+        try:
+            moves = [(path, layout.trash_path(root)) for path in paths]
+            if fileops.discard(moves):
+                self._filled = True
+        finally:
+            with self._moving_lock:
+                self._moving -= 1
 
     def sweep_later(self, always=False):
         """After an operation, on the event loop: empty the trash in the
@@ -48,10 +60,18 @@ class Trash:
             return
         self._filled = False
         self._wanted = True
-        if self._sweeper is None or self._sweeper.done():
+        if self._sweeping() is None:
             self._sweeper = asyncio.get_running_loop().create_task(
                 self._sweep()
             )
+
+    def _sweeping(self):
+        """The sweep task still running on this event loop, if any (one of
+        a loop that has been closed will never finish)."""
+        task = self._sweeper
+        if task is None or task.done():
+            return None
+        return task if task.get_loop() is asyncio.get_running_loop() else None
 
     async def _sweep(self):
         # Files discarded while a sweep runs may come after its listing:
@@ -76,8 +96,13 @@ class Trash:
         fileops.remove_files(
             layout.trash_entries(self._pool.root), durable=False
         )
+        # an empty trash leaves the pool as it was
+        with self._moving_lock:
+            if not self._moving:
+                fileops.remove_empty_dirs([layout.trash_dir(self._pool.root)])
 
     async def wait(self):
         """Wait until the trash has been emptied."""
-        if self._sweeper is not None:
-            await asyncio.wait([self._sweeper])
+        task = self._sweeping()
+        if task is not None:
+            await asyncio.wait([task])
