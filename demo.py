@@ -44,7 +44,7 @@ def show_tree(root):
     trash = layout.trash_entries(root)
     for top, dirs, files in os.walk(root):
         dirs.sort()
-        if top == os.path.join(root, layout.TRASH_DIR):
+        if top == layout.trash_dir(root):
             continue
         for name in sorted(files):
             path = os.path.join(top, name)

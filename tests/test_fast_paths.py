@@ -294,7 +294,7 @@ async def test_origin_stop_links_and_renames(reflink_dir, revisions_to_keep):
     assert len(pruned) == (1 if revisions_to_keep == 1 else 0)
     for src, dst in pruned:
         assert kind_of(src) == "revision"
-        assert os.path.dirname(dst) == os.path.join(pool.root, layout.TRASH_DIR)
+        assert os.path.dirname(dst) == layout.trash_dir(pool.root)
     assert count(in_stop, "unlink") == 0
     assert [paths[0] for step, paths in in_background if step == "unlink"] == [
         dst for _src, dst in pruned

@@ -28,7 +28,7 @@ JUNK = b"left by a crash"
 
 
 def trash_dir(pool):
-    return os.path.join(pool.root, layout.TRASH_DIR)
+    return layout.trash_dir(pool.root)
 
 
 def inodes_in(directory):
