@@ -146,23 +146,26 @@ async def update_template(pool, template_root, data):
 # -- a start with a fresh spare is a rename ---------------------------------
 
 
+async def assert_start_takes_spare(volume, spare):
+    """Start `volume`: it must rename `spare` into place (no copy, one
+    rename), run on that very inode and see the committed data OLD."""
+    spare_inode = os.stat(spare).st_ino
+    with recording() as steps:
+        await volume.start()
+    seen = steps.snapshot()
+    assert count(seen, *COPIES) == 0
+    assert count(seen, "rename") == 1
+    assert spare_renames(seen, volume.path) == [(spare, volume.path)]
+    assert os.stat(volume.path).st_ino == spare_inode
+    assert read_image(volume.path, len(OLD)) == OLD
+    assert not os.path.exists(spare)
+
+
 async def test_origin_start_takes_fresh_spare(any_dir):
     pool = await new_pool(any_dir, setup_check="no")
     vol = await stopped_origin(pool, FakeVM("work"))
-    spare = spares_of(os.path.dirname(vol.path), "private")
-    assert len(spare) == 1
-    spare_inode = os.stat(spare[0]).st_ino
-
-    with recording() as steps:
-        await vol.start()
-    seen = steps.snapshot()
-
-    assert count(seen, *COPIES) == 0
-    assert count(seen, "rename") == 1
-    assert spare_renames(seen, vol.path) == [(spare[0], vol.path)]
-    assert os.stat(vol.path).st_ino == spare_inode
-    assert read_image(vol.path, len(OLD)) == OLD
-    assert not os.path.exists(spare[0])
+    (spare,) = spares_of(os.path.dirname(vol.path), "private")
+    await assert_start_takes_spare(vol, spare)
     await vol.stop()
     await pool.wait_background()
 
@@ -178,17 +181,8 @@ async def test_snapshot_start_after_own_stop_takes_own_spare(reflink_dir):
     write_image(appvm_root.path, b"scratch")
     await appvm_root.stop()
     await pool.wait_background()
-    own = spares_of(os.path.dirname(appvm_root.path), "root")
-    assert len(own) == 1
-
-    with recording() as steps:
-        await appvm_root.start()
-    seen = steps.snapshot()
-
-    assert count(seen, *COPIES) == 0
-    assert count(seen, "rename") == 1
-    assert spare_renames(seen, appvm_root.path) == [(own[0], appvm_root.path)]
-    assert read_image(appvm_root.path, len(OLD)) == OLD
+    (own,) = spares_of(os.path.dirname(appvm_root.path), "root")
+    await assert_start_takes_spare(appvm_root, own)
     assert not appvm_root.is_outdated()
     await appvm_root.stop()
     await pool.wait_background()
@@ -219,14 +213,7 @@ async def test_new_snapshot_volume_borrows_source_spare(reflink_dir):
     assert count(steps.snapshot(), "clone") == 1
     assert len(spares_of(template_dir, "root")) == 1
 
-    with recording() as steps:
-        await disp_root.start()
-    seen = steps.snapshot()
-    assert count(seen, *COPIES) == 0
-    assert count(seen, "rename") == 1
-    assert spare_renames(seen, disp_root.path) == [(adopted[0], disp_root.path)]
-    assert os.stat(disp_root.path).st_ino == borrowed_inode
-    assert read_image(disp_root.path, len(OLD)) == OLD
+    await assert_start_takes_spare(disp_root, adopted[0])
 
     await disp_root.stop()
     await disp_root.remove()
@@ -246,17 +233,8 @@ async def test_snapshot_start_borrows_when_it_has_no_spare(reflink_dir):
     await pool.wait_background()
     for path in spares_of(os.path.dirname(appvm_root.path), "root"):
         os.unlink(path)
-    borrowed = spares_of(template_dir, "root")
-    assert len(borrowed) == 1
-
-    with recording() as steps:
-        await appvm_root.start()
-    seen = steps.snapshot()
-    assert count(seen, *COPIES) == 0
-    assert spare_renames(seen, appvm_root.path) == [
-        (borrowed[0], appvm_root.path)
-    ]
-    assert read_image(appvm_root.path, len(OLD)) == OLD
+    (borrowed,) = spares_of(template_dir, "root")
+    await assert_start_takes_spare(appvm_root, borrowed)
     await appvm_root.stop()
     await pool.wait_background()
     assert len(spares_of(template_dir, "root")) == 1
