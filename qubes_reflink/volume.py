@@ -4,14 +4,20 @@ State lives on disk, in the file names of `layout`; the only state kept in
 memory is what dies with qubesd anyway (the lock, the exports and the
 import being read or written right now, background work).
 
-Starting a VM should cost a rename, not a clone.  So each volume keeps a
-*spare*: a ready copy of the image its next start begins from, named after
-the identity (inode, mtime, size) of that committed image.  A start renames
-a fresh spare into place; a stale one is never used (its name no longer
-matches) and is removed.  Spares are made after an operation returns, in
-the background but under the volume's lock.  A new snapshot volume (a
-disposable VM) adopts its source's spare when it is created, and a snapshot
-volume without a spare of its own borrows the source's at start.
+Starting a VM should cost a rename, not a clone.  So each origin volume
+keeps a *spare*: a ready copy of its committed image, named after the
+identity (inode, mtime, size) of that image.  A start renames a fresh spare
+into place; a stale one is never used (its name no longer matches) and is
+discarded.  Spares are made after an operation returns, in the background
+but under the volume's lock.
+
+Snapshot volumes (an AppVM's root, a disposable VM's volumes) keep no spare
+of their own: they take their source's, and the source makes the next one.
+On btrfs every reflink of an extent makes later clones and deletions of it
+slower, so one spare per template version, not one per stopped AppVM, keeps
+a template's updates and the background work after a burst of stops
+independent of how many AppVMs use it.  A start that finds the source's
+spare taken (several VMs of one template starting at once) makes one clone.
 """
 
 import asyncio
@@ -27,12 +33,6 @@ from .host import BlockDevice, StoragePoolException, Volume, isodate
 
 log = logging.getLogger("qubes.storage.reflink")
 
-#: Seconds a snapshot volume waits after its stop before preparing its next
-#: spare.  Disposable VMs are removed right after they stop; an operation
-#: arriving within this grace period cancels the spare instead of waiting
-#: for a clone that would be thrown away.
-SNAPSHOT_SPARE_DELAY = 3.0
-
 
 class LiveState:
     """What only this qubesd process knows about a vid, shared by every
@@ -45,7 +45,7 @@ class LiveState:
         self.exports = set()
         self.import_path = None
         self.background = None
-        self.in_grace = False
+        self.spare_wanted = False
 
 
 def _locked(method):
@@ -182,47 +182,50 @@ class ReflinkVolume(Volume):
         return func(*args)
 
     async def settle(self):
-        """Wait until background work on this volume has finished; cancel
-        it instead if it is still in its grace period (nothing done yet)."""
+        """Wait until background work on this volume has finished."""
         task = self._live.background
         if task is not None and not task.done():
-            if self._live.in_grace:
-                task.cancel()
             await asyncio.wait([task])
 
-    def _prepare_spare_later(self, delay=0.0):
-        """After the current operation, make the copy the next start takes."""
-        if self._live.background is None or self._live.background.done():
-            self._live.in_grace = bool(delay)
-            self._live.background = asyncio.get_running_loop().create_task(
-                self._prepare_spare_task(delay)
+    def _prepare_spare_later(self):
+        """After the current operation, make the copy that the next start
+        takes: for a snapshot volume, which keeps none, its source's."""
+        if self.snap_on_start:
+            self.source._prepare_spare_later()  # pylint: disable=W0212
+            return
+        live = self._live
+        live.spare_wanted = True
+        if live.background is None or live.background.done():
+            live.background = asyncio.get_running_loop().create_task(
+                self._prepare_spare_task()
             )
 
-    async def _prepare_spare_task(self, delay):
-        if delay:
-            await asyncio.sleep(delay)
-            self._live.in_grace = False
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._in_pool, self._prepare_spare)
-            except Exception as err:  # pylint: disable=broad-exception-caught
-                # A spare only saves time; the next start will clone.
-                log.warning(
-                    "could not prepare a spare of %s: %s", self.vid, err
-                )
+    async def _prepare_spare_task(self):
+        # A snapshot's start may take the spare just after this task found
+        # it fresh: it asks again, and the task goes round once more.
+        while self._live.spare_wanted:
+            self._live.spare_wanted = False
+            async with self._lock:
+                try:
+                    await asyncio.to_thread(self._in_pool, self._prepare_spare)
+                except Exception as err:  # pylint: disable=W0718
+                    # A spare only saves time; the next start will clone.
+                    log.warning(
+                        "could not prepare a spare of %s: %s", self.vid, err
+                    )
+                finally:
+                    self.pool.trash.sweep_later()
 
     def _prepare_spare(self):
-        """Clone the image the next start begins from, unless a fresh spare
-        of it exists already.  Runs in a thread, under the lock."""
-        if self.snap_on_start and os.path.exists(self._files.dirty):
-            return  # running: its stop prepares the next one
-        source = self._start_files().committed
+        """Clone the committed image, unless a fresh spare of it exists
+        already; discard stale spares.  Runs in a thread, under the lock."""
+        source = self._files.committed
         stat_result = fileops.stat_or_none(source)
         if stat_result is None or self.snapshots_disabled:
             return
         key = layout.spare_key(stat_result)
         spares = self._files.scan().spares
-        fileops.remove_files(p for k, p in spares.items() if k != key)
+        self.pool.trash.discard(p for k, p in spares.items() if k != key)
         if key not in spares:
             with contextlib.suppress(fileops.SourceChanged):
                 fileops.publish_copy(
@@ -232,13 +235,13 @@ class ReflinkVolume(Volume):
                     expected=stat_result,
                 )
 
-    def _take_spare(self, files, key, target=None):
+    def _take_spare(self, files, key):
         """Rename the spare of version `key` found in `files`' directory to
-        `target` (default: this volume's running image); False if there is
-        none."""
+        this volume's running image; False if there is none (another start
+        took it first)."""
         _check_own_image(files.spare(key))
         try:
-            fileops.rename(files.spare(key), target or self._files.dirty)
+            fileops.rename(files.spare(key), self._files.dirty)
         except FileNotFoundError:
             return False
         return True
@@ -254,10 +257,13 @@ class ReflinkVolume(Volume):
         stale += [p for p in listing.imports if p != self._live.import_path]
         if listing.base and not listing.dirty:
             stale.append(self._files.base)
-        source = fileops.stat_or_none(self._start_files().committed)
-        fresh = layout.spare_key(source) if source else None
+        # a snapshot volume keeps no spare: any is left by an older version
+        committed = None if self.snap_on_start else self._files.committed
+        current = fileops.stat_or_none(committed) if committed else None
+        fresh = layout.spare_key(current) if current else None
         stale += [p for key, p in listing.spares.items() if key != fresh]
-        fileops.remove_files(stale)
+        # a stale spare may have many extents: its deletion is background
+        self.pool.trash.discard(stale)
 
     def committed_data_path(self):
         """Path of the committed data that an export or a clone reads."""
@@ -309,6 +315,9 @@ class ReflinkVolume(Volume):
             )
         fileops.rename(new_image, files.committed)
         self._prune(max(self.revisions_to_keep, 0))
+        # copies of the image just replaced: taken away with the pruned
+        # revisions, so that one sweep deletes both
+        self.pool.trash.discard(files.scan().spares.values())
 
     def _prune(self, keep):
         revisions = self._files.scan().revisions
@@ -321,14 +330,13 @@ class ReflinkVolume(Volume):
     async def create(self):
         """Make the volume's directory and, for an origin, an empty image.
 
-        A volume that starts from a source adopts the source's spare right
-        away, so that even the first start (a new disposable VM) is a
-        rename within its own directory.
+        A snapshot volume asks its source for a spare, so that even its
+        first start (a new disposable VM) is a rename.
         """
         size = options.parse_size(self._size)
-        adopted = await self._run("Creating", self._create, size)
-        if adopted:
-            self.source._prepare_spare_later()  # pylint: disable=W0212
+        await self._run("Creating", self._create, size)
+        if self.snap_on_start:
+            self._prepare_spare_later()
         return self
 
     def _create(self, size):
@@ -338,9 +346,7 @@ class ReflinkVolume(Volume):
                 "filesystem mounted?"
             )
         fileops.make_dirs(self._files.directory)
-        if self.snap_on_start:
-            return self._adopt_source_spare()
-        if self.save_on_stop:
+        if self.save_on_stop and not self.snap_on_start:
             listing = self._files.scan()
             fileops.publish_sparse(
                 self._files.committed, self._files.temp(), size
@@ -349,16 +355,6 @@ class ReflinkVolume(Volume):
             fileops.remove_files(
                 [self._files.dirty] + [r.path for r in listing.revisions]
             )
-        return False
-
-    def _adopt_source_spare(self):
-        """Move a fresh spare of the source into this volume's directory."""
-        source = self._start_files()
-        stat_result = fileops.stat_or_none(source.committed)
-        if stat_result is None:
-            return False
-        key = layout.spare_key(stat_result)
-        return self._take_spare(source, key, self._files.spare(key))
 
     @_locked
     async def remove(self):
@@ -396,21 +392,24 @@ class ReflinkVolume(Volume):
 
     @_locked
     async def start(self):
-        """Give the VM its running image; a rename whenever a spare is fresh."""
-        borrowed = await self._run("Starting", self._start)
-        if borrowed:
-            self.source._prepare_spare_later()  # pylint: disable=W0212
+        """Give the VM its running image; a rename whenever a spare is fresh.
+
+        A snapshot volume's start takes its source's spare: the source
+        makes the next one in the background.
+        """
+        await self._run("Starting", self._start)
+        if self.snap_on_start:
+            self._prepare_spare_later()
         return self
 
     def _start(self):
         self._remove_stale(self._files.scan())
         if self.snap_on_start:
-            return self._start_from_source()
-        if self.save_on_stop:
+            self._start_from_source()
+        elif self.save_on_stop:
             self._start_origin()
         else:
             self._start_volatile()
-        return False
 
     def _start_origin(self):
         files = self._files
@@ -436,25 +435,23 @@ class ReflinkVolume(Volume):
 
         A hard link (``~base``) pins the version started from: it is what
         is_outdated compares with, and what the copy is checked against.
+        The source's spare of that version is taken by a rename; when
+        another start took it first, the start makes one clone.
         """
         files, source = self._files, self._start_files()
         if os.path.exists(files.dirty):
             if self.save_on_stop:
                 _check_own_image(files.dirty)
                 log.warning("%s: keeping its unsaved running image", self.vid)
-                return False
+                return
             fileops.remove_files([files.dirty])
         fileops.remove_files([files.base])
         # made durable by the directory fsync of the rename (or published
         # copy) to the running image below, in the same directory
         fileops.link(source.committed, files.base, durable=False)
         key = layout.spare_key(os.stat(files.base))
-        if self._take_spare(files, key):
-            return False
-        if self._take_spare(source, key):
-            return True
-        fileops.publish_copy(files.base, files.dirty, files.temp())
-        return False
+        if not self._take_spare(source, key):
+            fileops.publish_copy(files.base, files.dirty, files.temp())
 
     def _start_volatile(self):
         fileops.remove_files([self._files.dirty])
@@ -469,13 +466,11 @@ class ReflinkVolume(Volume):
         Also the crash recovery path: qubesd calls it for every volume of a
         VM that is not running.
         """
-        prepare = await self._run("Stopping", self._stop)
+        committed = await self._run("Stopping", self._stop)
         # also what a crash left in the trash: this is the recovery path
         self.pool.trash.sweep_later(always=True)
-        if prepare:
-            self._prepare_spare_later(
-                SNAPSHOT_SPARE_DELAY if not self.save_on_stop else 0.0
-            )
+        if committed:
+            self._prepare_spare_later()
         return self
 
     def _stop(self):
@@ -487,7 +482,7 @@ class ReflinkVolume(Volume):
             if not self.snap_on_start:  # keep a resize for the next start
                 self._size = os.stat(files.dirty).st_size
             self.pool.trash.discard([files.dirty, files.base])
-            return self.snap_on_start
+            return False
         if self.snapshots_disabled:
             fileops.publish(files.dirty, files.committed)
             self._prune(0)

@@ -10,18 +10,10 @@ import pytest
 from helpers import new_pool
 from loopfs import on_demand
 
-from qubes_reflink import trash, volume
+from qubes_reflink import trash
 
 REFLINK_FILESYSTEMS = ("btrfs", "xfs")
 ALL_FILESYSTEMS = ("btrfs", "xfs", "ext4")
-
-
-@pytest.fixture(autouse=True)
-def no_spare_grace(monkeypatch):
-    """Snapshot volumes prepare their spare right after stop in tests, so
-    `pool.wait_background()` need not sit out the grace period meant for
-    disposable VMs (tests of that period set it back)."""
-    monkeypatch.setattr(volume, "SNAPSHOT_SPARE_DELAY", 0.0)
 
 
 @pytest.fixture(autouse=True)

@@ -39,13 +39,12 @@ import threading
 import traceback
 from typing import NamedTuple
 
-from qubes_reflink import ReflinkPool, fileops, layout, trash, volume
+from qubes_reflink import ReflinkPool, fileops, layout, trash
 from qubes_reflink.host import StoragePoolException
 
-# Spares of snapshot volumes are made right after their stop here, as in
-# the other tests (conftest.no_spare_grace): waiting out the grace period
-# at every one of hundreds of crash points would only cost time.
-volume.SNAPSHOT_SPARE_DELAY = 0.0
+# The trash is swept right after a stop here, as in the other tests
+# (conftest.no_sweep_delay): waiting out the delay at every one of hundreds
+# of crash points would only cost time.
 trash.SWEEP_DELAY = 0.0
 
 MIB = 1024**2
@@ -406,7 +405,7 @@ _simple(
     after={"tpl/root": D("A")},
 )
 _simple(
-    "start_snapshot_own",
+    "start_snapshot_again",
     [TPL_ROOT, APP_ROOT],
     _then(build_app, lambda w, s: w.run("app/root", "S")),
     _start("app/root"),

@@ -5,9 +5,11 @@ rename, link, unlink, fsync, ...) is reported to the step hook; these tests
 record the steps of one host call and check which were taken:
 
 * a start whose spare is fresh clones nothing: it renames the spare to
-  ``-dirty.img`` (origin volumes, snapshot volumes after their own stop,
-  and new snapshot volumes that borrow their source's spare, as disposable
-  VMs do);
+  ``-dirty.img`` (an origin volume its own; a snapshot volume, such as an
+  AppVM's root or a disposable VM's, its source's, which the source then
+  replaces with one clone);
+* stopped snapshot volumes hold no spares, and concurrent starts of two
+  snapshots of one source make one rename and one clone;
 * the stop of an origin volume keeping revisions clones nothing itself (a
   hard link and a rename), and the background then makes exactly one clone;
 * a stale spare is never used: the start clones, the VM sees the new data,
@@ -170,74 +172,121 @@ async def test_origin_start_takes_fresh_spare(any_dir):
     await pool.wait_background()
 
 
-async def test_snapshot_start_after_own_stop_takes_own_spare(reflink_dir):
-    pool = await new_pool(reflink_dir)
+async def snapshot_of_template(pool, vm_name="work"):
+    """A template root holding OLD with its spare made, and a created
+    snapshot volume of it (an AppVM's root)."""
     template_root = await stopped_origin(
         pool, FakeVM("tpl", "vm-templates"), name="root"
     )
-    appvm_root = snapshot(pool, FakeVM("work"), template_root)
+    appvm_root = snapshot(pool, FakeVM(vm_name), template_root)
     await appvm_root.create()
-    await appvm_root.start()
-    write_image(appvm_root.path, b"scratch")
-    await appvm_root.stop()
     await pool.wait_background()
-    (own,) = spares_of(os.path.dirname(appvm_root.path), "root")
-    await assert_start_takes_spare(appvm_root, own)
-    assert not appvm_root.is_outdated()
-    await appvm_root.stop()
-    await pool.wait_background()
+    return template_root, appvm_root
 
 
-async def test_new_snapshot_volume_borrows_source_spare(reflink_dir):
-    """A disposable VM: a new snapshot volume adopts its source's spare at
-    create(), so its first start is a rename within its own directory."""
+async def test_snapshot_start_takes_source_spare(reflink_dir):
+    """An AppVM's (or a new disposable VM's) root starts by renaming the
+    template's spare into its own directory; the template makes its next
+    spare in the background: one clone."""
     pool = await new_pool(reflink_dir)
-    template_root = await stopped_origin(
-        pool, FakeVM("dvm-tpl", "vm-templates"), name="root"
-    )
+    template_root, appvm_root = await snapshot_of_template(pool)
     template_dir = os.path.dirname(template_root.path)
-    borrowed = spares_of(template_dir, "root")
-    assert len(borrowed) == 1
-    borrowed_inode = os.stat(borrowed[0]).st_ino
-
-    disp_root = snapshot(pool, FakeVM("disp1234"), template_root)
-    with recording() as steps:
-        await disp_root.create()
-    adopted = spares_of(os.path.dirname(disp_root.path), "root")
-    assert count(steps.snapshot(), *COPIES) == 0
-    assert [os.stat(path).st_ino for path in adopted] == [borrowed_inode]
-
-    # the source makes itself a new spare in the background: one clone
+    (spare,) = spares_of(template_dir, "root")
+    await assert_start_takes_spare(appvm_root, spare)
+    assert not appvm_root.is_outdated()
     with recording() as steps:
         await pool.wait_background()
     assert count(steps.snapshot(), "clone") == 1
     assert len(spares_of(template_dir, "root")) == 1
-
-    await assert_start_takes_spare(disp_root, adopted[0])
-
-    await disp_root.stop()
-    await disp_root.remove()
+    await appvm_root.stop()
     await pool.wait_background()
 
 
-async def test_snapshot_start_borrows_when_it_has_no_spare(reflink_dir):
-    """A snapshot volume whose spare is gone (created before the source
-    had one) borrows the source's at start: a rename across directories."""
+async def test_snapshot_start_again_takes_source_spare(reflink_dir):
+    """A stopped snapshot volume keeps no spare of its own: its next start
+    takes the template's again."""
+    pool = await new_pool(reflink_dir)
+    template_root, appvm_root = await snapshot_of_template(pool)
+    await appvm_root.start()
+    write_image(appvm_root.path, b"scratch")
+    await appvm_root.stop()
+    await pool.wait_background()
+    assert not spares_of(os.path.dirname(appvm_root.path), "root")
+    (spare,) = spares_of(os.path.dirname(template_root.path), "root")
+    await assert_start_takes_spare(appvm_root, spare)
+    await appvm_root.stop()
+    await pool.wait_background()
+
+
+async def test_stopped_appvms_hold_no_spares(reflink_dir):
+    """However many AppVMs of a template stop, the pool holds one spare of
+    the template's root and none in the AppVMs' directories: no reflink
+    per stopped AppVM slows the template's clones and deletions."""
     pool = await new_pool(reflink_dir)
     template_root = await stopped_origin(
         pool, FakeVM("tpl", "vm-templates"), name="root"
     )
-    template_dir = os.path.dirname(template_root.path)
-    appvm_root = snapshot(pool, FakeVM("work"), template_root)
-    await appvm_root.create()
+    roots = [snapshot(pool, FakeVM(f"app{i}"), template_root) for i in range(6)]
+    for root in roots:
+        await root.create()
+        await root.start()
+    await asyncio.gather(*(root.stop() for root in roots))
     await pool.wait_background()
-    for path in spares_of(os.path.dirname(appvm_root.path), "root"):
-        os.unlink(path)
-    (borrowed,) = spares_of(template_dir, "root")
-    await assert_start_takes_spare(appvm_root, borrowed)
+    for root in roots:
+        assert os.listdir(os.path.dirname(root.path)) == []
+    assert len(spares_of(os.path.dirname(template_root.path), "root")) == 1
+
+
+async def test_concurrent_snapshot_starts_rename_once_clone_once(
+    reflink_dir,
+):
+    """Two AppVMs of one template starting at once: one takes the spare,
+    the other (finding it taken) makes one clone; both see the data."""
+    pool = await new_pool(reflink_dir)
+    template_root, first = await snapshot_of_template(pool, "first")
+    second = snapshot(pool, FakeVM("second"), template_root)
+    await second.create()
+    (spare,) = spares_of(os.path.dirname(template_root.path), "root")
+    spare_inode = os.stat(spare).st_ino
+    with recording() as steps:
+        await asyncio.gather(first.start(), second.start())
+    seen = steps.snapshot()
+    renamed = spare_renames(seen, first.path) + spare_renames(seen, second.path)
+    assert len(renamed) == 1
+    appvm_dirs = {os.path.dirname(root.path) for root in (first, second)}
+    copies_for_appvms = [
+        paths
+        for step, paths in seen
+        if step in COPIES and os.path.dirname(paths[-1]) in appvm_dirs
+    ]
+    assert len(copies_for_appvms) == 1  # the template's own spare aside
+    inodes = {os.stat(root.path).st_ino for root in (first, second)}
+    assert spare_inode in inodes and len(inodes) == 2
+    for root in (first, second):
+        assert read_image(root.path, len(OLD)) == OLD
+        await root.stop()
+    await pool.wait_background()
+
+
+async def test_legacy_spare_of_snapshot_volume_is_discarded(reflink_dir):
+    """A spare that an older version left in an AppVM's directory is
+    discarded (through the trash) at its next start or stop, and the start
+    takes the template's spare."""
+    pool = await new_pool(reflink_dir)
+    template_root, appvm_root = await snapshot_of_template(pool)
+    (spare,) = spares_of(os.path.dirname(template_root.path), "root")
+    appvm_dir = os.path.dirname(appvm_root.path)
+    legacy = os.path.join(appvm_dir, os.path.basename(spare))
+    fileops.make_copy(spare, legacy)
+    spare_inode = os.stat(spare).st_ino
+    with recording() as steps:
+        await appvm_root.start()
+    assert count(steps.snapshot(), *COPIES) == 0
+    assert os.stat(appvm_root.path).st_ino == spare_inode
+    assert not os.path.exists(legacy)
     await appvm_root.stop()
     await pool.wait_background()
-    assert len(spares_of(template_dir, "root")) == 1
+    assert sorted(os.listdir(appvm_dir)) == []
 
 
 # -- a stop clones nothing itself -------------------------------------------
@@ -310,7 +359,8 @@ async def assert_start_ignores_stale_spare(volume, stale, expected):
 
 
 async def test_stale_snapshot_spare_after_template_update(reflink_dir):
-    """The template committed new data after the AppVM's spare was made.
+    """The template committed new data after a spare of its old version
+    was left in the AppVM's directory (by an older version of the driver).
 
     The template is running when the AppVM starts, so it has no spare to
     lend: the start must clone the template's new committed image.
@@ -321,12 +371,10 @@ async def test_stale_snapshot_spare_after_template_update(reflink_dir):
     )
     appvm_root = snapshot(pool, FakeVM("work"), template_root)
     await appvm_root.create()
-    await appvm_root.start()
-    await appvm_root.stop()
-    await pool.wait_background()
     appvm_dir = os.path.dirname(appvm_root.path)
-    stale = spares_of(appvm_dir, "root")
-    assert len(stale) == 1
+    (old_spare,) = spares_of(os.path.dirname(template_root.path), "root")
+    stale = [os.path.join(appvm_dir, os.path.basename(old_spare))]
+    fileops.make_copy(old_spare, stale[0])
 
     await update_template(pool, template_root, NEW)
     await template_root.start()  # takes its own spare; lends none
