@@ -220,26 +220,71 @@ def _fs_key(fd, st):
     return ("btrfs", bytes(args[_BTRFS_FSID]))
 
 
-def _load(paths):
-    """Stat and map each path; one entry per inode.
+def _open(path):
+    """A read-only descriptor of `path`, or None if the file is gone.
 
-    Returns ({path: index}, [(filesystem key, st_size, extents)]).
+    Pools change while they are measured: qubesd renames spares into place
+    and empties the trash, so a name listed a moment ago may be gone, or
+    its directory (ENOTDIR: replaced by a file).  Such a file is measured
+    as not there.  Any other error (EACCES, EIO, ...) is raised.
     """
-    index = {}
-    files = []
-    by_path = {}
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+class ExtentMaps:
+    """The extent maps of a set of files, each file read once.
+
+    A set and its subsets (a pool, each of its volumes) are measured from
+    the same reading, so their figures agree even while the files change:
+    a file that vanished before it was opened is in none of them, and one
+    that vanishes after is in all (its open descriptor keeps its extents).
+    Paths naming the same inode are one file.
+    """
+
+    def __init__(self, paths=()):
+        self._index = {}  # path (os.fspath) -> index in _files
+        self._inodes = {}  # (st_dev, st_ino) -> index in _files
+        self._files = []  # (filesystem key, st_size, extents)
+        self.add(paths)
+
+    def add(self, paths):
+        """Read the maps of those `paths` not read yet, except the gone."""
+        for path in map(os.fspath, paths):
+            if path not in self._index:
+                index = self._read(path)
+                if index is not None:
+                    self._index[path] = index
+
+    def _read(self, path):
+        """Index of `path`'s inode in _files, mapped first if new; None if
+        the file is gone."""
+        fd = _open(path)
+        if fd is None:
+            return None
         try:
             st = os.fstat(fd)
             inode = (st.st_dev, st.st_ino)
-            if inode not in index:
-                index[inode] = len(files)
-                files.append((_fs_key(fd, st), st.st_size, _fiemap(fd)))
+            if inode not in self._inodes:
+                self._inodes[inode] = len(self._files)
+                self._files.append((_fs_key(fd, st), st.st_size, _fiemap(fd)))
+            return self._inodes[inode]
         finally:
             os.close(fd)
-        by_path[os.fspath(path)] = index[inode]
-    return by_path, files
+
+    def measure(self, paths=None):
+        """({path: Usage}, Usage of the set) of `paths` (default: all read),
+        sharing judged within them; paths not read (gone) are left out."""
+        wanted = self._index if paths is None else map(os.fspath, paths)
+        chosen = {
+            path: self._index[path] for path in wanted if path in self._index
+        }
+        indices = sorted(set(chosen.values()))
+        usages, total = _account([self._files[i] for i in indices])
+        by_index = dict(zip(indices, usages))
+        return {path: by_index[i] for path, i in chosen.items()}, total
 
 
 class _Sweep:
@@ -386,13 +431,6 @@ def _usages(files, sweep):
     return usages, total
 
 
-def _compute(paths):
-    """({path: Usage}, Usage of the set) for `paths`."""
-    by_path, files = _load(paths)
-    usages, total = _account(files)
-    return {path: usages[index] for path, index in by_path.items()}, total
-
-
 def space_usage(paths):
     """Usage of each file of `paths`, sharing judged within the set.
 
@@ -400,9 +438,10 @@ def space_usage(paths):
     when the filesystem says something else does; so the same file can show
     less exclusive space in a larger set only where the filesystem does not
     flag sharing itself.  Returns {path: Usage}, keyed by the paths as given
-    (os.fspath).  See the module docstring for the exact definitions.
+    (os.fspath); a file gone before it could be opened has no entry.  See
+    the module docstring for the exact definitions.
     """
-    return _compute(paths)[0]
+    return ExtentMaps(paths).measure()[0]
 
 
 def total_usage(paths):
@@ -410,5 +449,6 @@ def total_usage(paths):
 
     ``exclusive`` is what deleting every file of the set would free, which
     is not the sum of what deleting each alone would free once they share.
+    Files gone before they could be opened count for nothing.
     """
-    return _compute(paths)[1]
+    return ExtentMaps(paths).measure()[1]

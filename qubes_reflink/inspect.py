@@ -141,13 +141,19 @@ def processes_named(name, proc="/proc"):
 
 
 def _list_files(pool_dir):
-    """(vid prefix, path, lstat, layout entry) of each file of the VM dirs."""
+    """(vid prefix, path, lstat, layout entry) of each file of the VM dirs.
+
+    qubesd may be at work meanwhile (spares renamed into place, images
+    discarded, a VM's directory removed): a name gone by the time it is
+    looked at is left out, as if listed a moment later, and so is a
+    directory gone before it is listed.
+    """
     for prefix, vm_name, directory in layout.volume_dirs(pool_dir):
-        for name in sorted(os.listdir(directory)):
+        for name in sorted(layout.listdir(directory)):
             path = os.path.join(directory, name)
             try:
                 stat_result = os.lstat(path)
-            except FileNotFoundError:
+            except layout.VANISHED:
                 continue
             if stat.S_ISDIR(stat_result.st_mode):
                 continue
@@ -369,7 +375,10 @@ def disk_usage(scan, vids=None, progress=None):
     Per file (committed, running, each revision, ...), per volume and for
     the pool (or the volumes `vids`); sharing is judged within the files
     looked at and from the filesystem's own SHARED flags.  `progress(n)`
-    is called after each volume.  Raises KeyError for an unknown vid.
+    is called after each volume's maps are read.  Raises KeyError for an
+    unknown vid.  Every figure comes from one reading of each file's map,
+    so that a file gone since the scan is in none of them (not in the
+    pool's total but not its volume's, or the other way round).
     """
     chosen = list(scan.volumes) if not vids else list(vids)
     for vid in chosen:
@@ -379,21 +388,27 @@ def disk_usage(scan, vids=None, progress=None):
         vid: [i for i in scan.volumes[vid] if stat.S_ISREG(i.stat.st_mode)]
         for vid in chosen
     }
-    paths = [info.path for infos in files.values() for info in infos]
-    per_file = extents.space_usage(paths)
-    volumes = []
-    for number, (vid, infos) in enumerate(files.items(), 1):
-        total = extents.total_usage([info.path for info in infos])
-        volumes.append(
-            {
-                "vid": vid,
-                "files": [_du_row(info, per_file[info.path]) for info in infos],
-                "total": total._asdict(),
-            }
-        )
+    maps = extents.ExtentMaps()
+    for number, infos in enumerate(files.values(), 1):
+        maps.add(info.path for info in infos)
         if progress:
             progress(number)
-    return {"volumes": volumes, "total": extents.total_usage(paths)._asdict()}
+    per_file, total = maps.measure()
+    volumes = [
+        _du_volume(vid, infos, per_file, maps) for vid, infos in files.items()
+    ]
+    return {"volumes": volumes, "total": total._asdict()}
+
+
+def _du_volume(vid, infos, per_file, maps):
+    """One volume's rows and total, of its files still there when read."""
+    present = [info for info in infos if info.path in per_file]
+    total = maps.measure(info.path for info in present)[1]
+    return {
+        "vid": vid,
+        "files": [_du_row(info, per_file[info.path]) for info in present],
+        "total": total._asdict(),
+    }
 
 
 def _du_row(info, usage):

@@ -202,13 +202,38 @@ def probe_leftovers(directory):
     )
 
 
+#: What a look at a listed name raises when the name is gone: qubesd
+#: renames spares into place and empties the trash in the background, so
+#: a file or directory listed a moment ago may have been renamed or
+#: removed, or its directory replaced.  Any other error is a real one.
+VANISHED = (FileNotFoundError, NotADirectoryError)
+
+
+def listdir(directory):
+    """The names in `directory` (unsorted, as `os.listdir`), or none if it
+    is gone: a directory removed while it is looked at lists as empty."""
+    try:
+        return os.listdir(directory)
+    except VANISHED:
+        return []
+
+
+def _is_real_dir(path):
+    """Whether `path` is a directory and not a symbolic link to one.
+
+    One lstat, so that the answer is about one file even if the name is
+    replaced meanwhile; a name that is gone is no directory.
+    """
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except VANISHED:
+        return False
+
+
 def _entries(directory, wanted):
     """Paths of the entries of `directory` whose names `wanted` accepts,
     sorted; none if `directory` is missing."""
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
+    names = sorted(listdir(directory))
     return [os.path.join(directory, name) for name in names if wanted(name)]
 
 
@@ -242,10 +267,9 @@ def trash_entries(pool_dir):
     directory: a symbolic link planted there is never followed.
     """
     directory = trash_dir(pool_dir)
-    try:
-        if not stat.S_ISDIR(os.lstat(directory).st_mode):
-            return []
-    except FileNotFoundError:
+    # The sweep removes the directory once it is empty, maybe between the
+    # lstat and the listing: both then see no directory, hence no entries.
+    if not _is_real_dir(directory):
         return []
     return _entries(directory, _TRASH_NAME.fullmatch)
 
@@ -256,16 +280,16 @@ def prefix_dirs(pool_dir):
 
 
 def volume_dirs(pool_dir):
-    """The VM directories of a pool, as (dir_prefix, vm_name, path)."""
+    """The VM directories of a pool, as (dir_prefix, vm_name, path).
+
+    Only real directories, no symbolic links; one removed while this runs
+    is left out (or, if it goes after it was yielded, lists as empty).
+    """
     for prefix in DIR_PREFIXES:
         top = os.path.join(pool_dir, prefix)
-        try:
-            names = sorted(os.listdir(top))
-        except FileNotFoundError:
-            continue
-        for name in names:
+        for name in sorted(listdir(top)):
             path = os.path.join(top, name)
-            if os.path.isdir(path) and not os.path.islink(path):
+            if _is_real_dir(path):
                 yield prefix, name, path
 
 
@@ -342,10 +366,7 @@ class VolumeFiles:
             EXPORT: [],
             IMPORT: [],
         }
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            names = []
+        names = listdir(self.directory)  # no directory: no files
         own = (self.volume + ".", self.volume + "-")
         for name in names:
             # cheap prefix test first: other volumes' files need no regex
