@@ -2,9 +2,11 @@
 
 It walks a template, an AppVM based on it and a disposable VM through
 their lives (create, start, write, stop, template update, revert, export,
-remove) the way qubesd drives the driver, printing the pool's files and the
-time of each step.  As root it uses a loop-mounted btrfs; otherwise a
-temporary directory without reflinks (setup_check=no).
+remove) the way qubesd drives the driver, printing the time of each step,
+then the time of the background work the step started (spares, trash),
+then the pool's files.  It runs on a loop-mounted btrfs when it can (root,
+btrfs-progs), else on a loop-mounted XFS, else in a plain temporary
+directory without reflinks (setup_check=no); ``--fs`` picks one.
 
 Run it with ``make demo`` (or ``python3 demo.py -v`` to see every file
 operation as ``journalctl -fu qubesd`` would).
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +28,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))
 # pylint: disable=wrong-import-position
 from loopfs import loop_filesystem, unavailable_reason  # noqa: E402
 
-from qubes_reflink import ReflinkPool, layout  # noqa: E402
+from qubes_reflink import ReflinkPool, layout, trash  # noqa: E402
 
 MIB = 1024**2
+
+#: What the pool lives on, for the messages.
+WHERE = {
+    "btrfs": "a loop-mounted btrfs",
+    "xfs": "a loop-mounted XFS (it reflinks too)",
+    "dir": "a plain temporary directory without reflinks (setup_check=no): "
+    "every clone below is a full copy",
+}
+
+#: The package that provides each filesystem's mkfs.
+PACKAGES = {"btrfs": "btrfs-progs", "xfs": "xfsprogs"}
 
 
 class VM:
@@ -40,25 +54,41 @@ class VM:
 
 def show_tree(root):
     """Print the pool's files with apparent size and allocated bytes; the
-    trash, emptied in the background, as one line."""
-    trash = layout.trash_entries(root)
+    trash as one line.
+
+    Background work (a spare being cloned, the trash being swept) may add
+    or remove files while the listing runs: a file gone before it is
+    measured is skipped (as `layout` does), and a vanished directory lists
+    as empty.
+    """
+    discarded = layout.trash_entries(root)
+    shown = 0
     for top, dirs, files in os.walk(root):
-        dirs.sort()
-        if top == layout.trash_dir(root):
-            continue
+        dirs[:] = sorted(d for d in dirs if d != layout.TRASH_DIR)
         for name in sorted(files):
             path = os.path.join(top, name)
-            stat = os.stat(path, follow_symlinks=False)
+            try:
+                stat = os.stat(path, follow_symlinks=False)
+            except layout.VANISHED:
+                continue
             print(
                 f"    {os.path.relpath(path, root):58} "
                 f"{stat.st_size // MIB:5} MiB  "
                 f"{stat.st_blocks * 512 // 1024:7} KiB used"
             )
-    if trash:
+            shown += 1
+    if not (shown or discarded):
+        print("    (no files)")
+    if discarded:
         print(
-            f"    {layout.TRASH_DIR}/: {len(trash)} discarded images, to be "
-            "deleted in the background"
+            f"    {layout.TRASH_DIR}/: {len(discarded)} discarded images, to "
+            "be deleted in the background"
         )
+
+
+def since(began):
+    """Milliseconds since the perf_counter() value `began`."""
+    return (time.perf_counter() - began) * 1000
 
 
 class Tour:
@@ -68,11 +98,25 @@ class Tour:
         self.pool = pool
 
     async def step(self, title, *coroutines):
-        """Run `coroutines` concurrently, as qubesd does for a VM's volumes."""
+        """Run `coroutines` concurrently, as qubesd does for a VM's volumes,
+        then wait for the background work they started.
+
+        The step's own time is what a user waits for; the background work
+        (the next spares, the trash sweep) is timed apart from it, and
+        waited for so that each listing shows where the pool settles.
+        """
         began = time.perf_counter()
         results = await asyncio.gather(*coroutines)
-        took = (time.perf_counter() - began) * 1000
+        took = since(began)
+        began = time.perf_counter()
+        await self.pool.wait_spares()
+        spares = since(began)
+        await self.pool.trash.wait()
         print(f"\n== {title}  ({took:.1f} ms)")
+        print(
+            f"    then in the background: spares ready after {spares:.1f} ms, "
+            f"trash emptied after {since(began):.1f} ms"
+        )
         show_tree(self.pool.root)
         return results
 
@@ -154,7 +198,8 @@ async def tour(pool):
     work = volumes_of_appvm(pool, VM("work"), tpl["root"])
     await t.step("create AppVM 'work'", *each(work, "create"))
     await t.step(
-        "start AppVM 'work' (root from the template)", *each(work, "start")
+        "start AppVM 'work' (root: takes the template's ready spare)",
+        *each(work, "start"),
     )
     print(f"    work sees root: {read(work['root'].path)!r}")
     write(work["private"], "my documents")
@@ -168,7 +213,9 @@ async def tour(pool):
     disp = volumes_of_appvm(pool, VM("disp1234"), tpl["root"], work["private"])
     await t.step("create disposable VM 'disp1234'", *each(disp, "create"))
     await t.step(
-        "start disposable VM (borrows ready spares)", *each(disp, "start")
+        "start disposable VM (takes the ready spares of the template's root "
+        "and of work's private)",
+        *each(disp, "start"),
     )
     print(
         f"    disp1234 sees root {read(disp['root'].path)!r}, "
@@ -194,62 +241,155 @@ async def tour(pool):
     )
 
 
-@contextlib.contextmanager
-def throwaway_pool_dir():
-    """A btrfs on a loop device as root, else a temporary directory."""
-    reason = unavailable_reason("btrfs")
-    if reason is None:
-        with loop_filesystem("btrfs") as mountpoint:
-            yield os.path.join(mountpoint, "demo-pool"), True
-        return
-    print(
-        f"WARNING: {reason}: using a plain temporary directory with "
-        "setup_check=no; every clone below is a full copy.",
-        file=sys.stderr,
-    )
-    directory = tempfile.mkdtemp(prefix="qubes-reflink-demo-")
+class Unavailable(Exception):
+    """A loop-mounted filesystem can't be made here; the message says why."""
+
+
+def mount_loop(stack, fstype):
+    """The mount point of a fresh loop-mounted `fstype`, unmounted (and its
+    loop device detached) when `stack` closes."""
+    reason = unavailable_reason(fstype)
+    if reason is not None:
+        raise Unavailable(reason)
     try:
-        yield os.path.join(directory, "demo-pool"), False
+        return stack.enter_context(loop_filesystem(fstype))
+    except subprocess.CalledProcessError as err:
+        output = err.stderr.decode(errors="replace").strip()
+        raise Unavailable(f"{err.cmd[0]} failed: {output}") from None
+    except OSError as err:
+        raise Unavailable(str(err)) from None
+
+
+def temporary_dir(stack):
+    """A fresh temporary directory, removed when `stack` closes."""
+    directory = tempfile.mkdtemp(prefix="qubes-reflink-demo-")
+    stack.callback(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def how_to_get(fstype):
+    """What to do to run the demo on `fstype`."""
+    package = PACKAGES[fstype]
+    return (
+        f"install {package} (apt install {package}, or dnf install "
+        f"{package}) and run it as root (sudo make demo)"
+    )
+
+
+def note_not_btrfs(fstype, why):
+    """Say that the demo is not showing the real thing, and how to get it."""
+    print(
+        f"NOTE: not on btrfs ({why}); the demo runs on {WHERE[fstype]}.\n"
+        f"      For the real thing, {how_to_get('btrfs')}.\n"
+    )
+
+
+def explicit_filesystem(stack, wanted):
+    """The directory for `--fs wanted`; exits with what to do when that
+    filesystem can't be made here."""
+    if wanted == "dir":
+        note_not_btrfs("dir", "asked for with --fs dir")
+        return temporary_dir(stack)
+    try:
+        mountpoint = mount_loop(stack, wanted)
+    except Unavailable as err:
+        sys.exit(
+            f"demo.py: --fs {wanted} is not available here: {err}.\n"
+            f"To use it, {how_to_get(wanted)}; or run with --fs auto."
+        )
+    if wanted != "btrfs":
+        note_not_btrfs(wanted, f"asked for with --fs {wanted}")
+    return mountpoint
+
+
+def best_filesystem(stack):
+    """(fstype, directory): btrfs if it can be made here, else XFS, else a
+    plain directory, with a note whenever it is not btrfs."""
+    reasons = []
+    for fstype in ("btrfs", "xfs"):
+        try:
+            mountpoint = mount_loop(stack, fstype)
+        except Unavailable as err:
+            if str(err) not in reasons:
+                reasons.append(str(err))
+            continue
+        if fstype != "btrfs":
+            note_not_btrfs(fstype, reasons[0])
+        return fstype, mountpoint
+    note_not_btrfs("dir", "; ".join(reasons))
+    return "dir", temporary_dir(stack)
+
+
+@contextlib.contextmanager
+def sweeping_at_once():
+    """Let the trash be swept as soon as a step asks for it.
+
+    qubesd's sweep waits a second so that one pass serves a burst of stops;
+    the demo's steps come one at a time and each waits for its background
+    work, which would then be mostly that idle second.
+    """
+    delay, trash.SWEEP_DELAY = trash.SWEEP_DELAY, 0.0
+    try:
+        yield
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        trash.SWEEP_DELAY = delay
 
 
-async def main_async(pool_dir, reflinks):
+async def main_async(pool_dir, fstype):
     """Set the pool up, run the tour, and show that nothing is left."""
     began = time.perf_counter()
     pool = ReflinkPool(
         name="demo",
         dir_path=pool_dir,
         revisions_to_keep="2",
-        setup_check=str(reflinks),
+        setup_check=str(fstype != "dir"),
     )
     await pool.setup()
     print(
-        f"pool 'demo' at {pool_dir} set up in "
-        f"{(time.perf_counter() - began) * 1000:.1f} ms; config: {pool.config}"
+        f"pool 'demo' on {fstype} at {pool_dir} set up in "
+        f"{since(began):.1f} ms; config: {pool.config}"
     )
-    await tour(pool)
-    began = time.perf_counter()
-    await pool.destroy()  # waits for the background work
-    took = (time.perf_counter() - began) * 1000
-    print(f"\n== background work finished: trash emptied  ({took:.1f} ms)")
+    with sweeping_at_once():
+        await tour(pool)
+        began = time.perf_counter()
+        await pool.destroy()  # waits for any background work left
+    print(f"\n== pool destroyed  ({since(began):.1f} ms); files left:")
     show_tree(pool.root)
 
 
-def main():
-    """Entry point of ``make demo``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv):
+    """The command line of ``make demo``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n", maxsplit=1)[0]
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log every file operation"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--fs",
+        choices=("auto", "btrfs", "xfs", "dir"),
+        default="auto",
+        help="where the throwaway pool lives: a loop-mounted btrfs or XFS "
+        "(as root), or a plain temporary directory; auto (the default) "
+        "takes the first of these that can be made here",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Entry point of ``make demo``."""
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="    qubes.storage.reflink: %(message)s",
     )
-    with throwaway_pool_dir() as (pool_dir, reflinks):
-        asyncio.run(main_async(pool_dir, reflinks))
-    print("\nthe throwaway pool was removed; demo done")
+    with contextlib.ExitStack() as stack:
+        if args.fs == "auto":
+            fstype, directory = best_filesystem(stack)
+        else:
+            fstype, directory = args.fs, explicit_filesystem(stack, args.fs)
+        asyncio.run(main_async(os.path.join(directory, "demo-pool"), fstype))
+    print(f"\nthe throwaway pool ({fstype}) was removed; demo done")
 
 
 if __name__ == "__main__":

@@ -130,10 +130,16 @@ class ReflinkPool(Pool):
     async def wait_background(self):
         """Wait until no volume of this pool is preparing a spare, and the
         trash is empty."""
+        await self.wait_spares()
+        await self.trash.wait()
+
+    async def wait_spares(self):
+        """Wait until no volume of this pool is preparing a spare: each
+        next start then finds its spare ready (the trash may still be
+        swept)."""
         tasks = [s.background for s in self._live.values() if s.background]
         if tasks:
             await asyncio.wait(tasks)
-        await self.trash.wait()
 
     def init_volume(self, vm, volume_config):
         """The Volume object for a VM's volume; touches nothing on disk."""
