@@ -326,11 +326,20 @@ def publish(tmp, dst):
 
 
 def rename(src, dst):
-    """Rename `src` to `dst` (replacing it) and make that durable."""
+    """Rename `src` to `dst` (replacing it) and make that durable.
+
+    One fsync, of `dst`'s directory, makes the whole rename durable, the
+    old name's removal included: a rename is one transaction on XFS and
+    ext4, forced out with the directory, and btrfs logs it so that a
+    replay leaves only the new name.  Fsyncing the old directory after a
+    rename across directories (a start taking its source's spare) would
+    instead make btrfs commit its whole transaction: 20 ms rather than 2
+    when deletions of many-extent files are pending.
+    """
     with _step("rename", src, dst):
         os.rename(src, dst)
     log.info("renamed %s to %s", src, dst)
-    _fsync_dirs(src, dst)
+    _fsync_dirs(dst)
 
 
 def link(src, dst, durable=True):
