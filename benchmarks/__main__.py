@@ -1,10 +1,17 @@
-"""Run the benchmark: ``python3 -m benchmarks [--reps N] [--quick]``."""
+"""Run the benchmark: ``python3 -m benchmarks [--reps N] [--quick]
+[--only SCENARIO,...]``.
+
+Scenarios: origin (start and stop of origin volumes at every image: the
+picture), snapshot (AppVM root and disposable starts), export (export and
+revert), import (btrfs->xfs import_volume), many (--vms VMs started and
+stopped at once), spares (spares at scale: reflinks of a template root of
+--spares-extents extents, and --vms AppVMs of it).
+"""
 
 import argparse
 import asyncio
 import contextlib
 import os
-import statistics
 import sys
 import time
 
@@ -20,6 +27,7 @@ from . import report  # noqa: E402
 from .images import GIB  # noqa: E402
 
 FS_SIZE = 24 * GIB
+SCENARIOS = ("origin", "snapshot", "export", "import", "many", "spares")
 
 
 def parse_args(argv):
@@ -43,6 +51,25 @@ def parse_args(argv):
         "--fs", default="btrfs,xfs", help="filesystems (comma-separated)"
     )
     parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help="run only these scenarios (comma-separated; default all: "
+        + ",".join(SCENARIOS)
+        + ")",
+    )
+    parser.add_argument(
+        "--spares-reps",
+        type=int,
+        default=5,
+        help="repetitions per line of the spares scenario",
+    )
+    parser.add_argument(
+        "--spares-extents",
+        type=int,
+        default=30000,
+        help="extents of the template root of the spares scenario",
+    )
+    parser.add_argument(
         "--results",
         default=os.path.join(HERE, "results"),
         help="directory for latest.json, latency.png, latest.md",
@@ -50,7 +77,7 @@ def parse_args(argv):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 3 repetitions, 10 VMs, fewer extents",
+        help="a smoke run: 3 repetitions (spares: 2), 10 VMs, 5k extents",
     )
     parser.add_argument(
         "--strict",
@@ -61,8 +88,18 @@ def parse_args(argv):
     if args.quick:
         args.reps, args.vms, args.vm_reps = 3, 10, 1
         args.levels = "1000,5000"
+        args.spares_reps, args.spares_extents = 2, 5000
     args.levels = [int(level) for level in args.levels.split(",") if level]
     args.fs = [name for name in args.fs.split(",") if name]
+    args.only = {name for name in args.only.split(",") if name}
+    unknown = args.only - set(SCENARIOS)
+    if unknown:
+        parser.error(
+            f"unknown scenario(s) {', '.join(sorted(unknown))}; "
+            f"choose among {', '.join(SCENARIOS)}"
+        )
+    if not args.levels:
+        parser.error("--levels: give at least one extent count")
     return args
 
 
@@ -70,31 +107,46 @@ async def run(args, mounts):
     """Every measurement; returns (rows, curves)."""
     # pylint: disable=import-outside-toplevel
     from . import scenarios
+    from .spares import spares_at_scale
 
     rows, curves, benches = [], {}, {}
+    single = args.only & {"origin", "snapshot", "export"}
     for fstype, mountpoint in mounts.items():
         bench = scenarios.FilesystemBench(
             fstype, mountpoint, args.reps, args.levels
         )
-        bench.build_images()
-        await bench.run()
-        rows += bench.rows
-        curves[fstype] = bench.curve
         benches[fstype] = bench
-    if "btrfs" in mounts and "xfs" in mounts:
+        if single:
+            bench.build_images(curve="origin" in single)
+            await bench.run(single)
+            rows += bench.rows
+            if bench.curve:
+                curves[fstype] = bench.curve
+    if "import" in args.only and "btrfs" in mounts and "xfs" in mounts:
+        benches["btrfs"].base_images()
         rows += await scenarios.cross_filesystem_import(
             mounts["btrfs"], mounts["xfs"], max(3, args.reps - 2)
         )
-    for fstype, bench in benches.items():
-        floor = statistics.median(point["floor_ms"] for point in bench.curve)
-        rows += await scenarios.many_vms(
-            fstype,
-            mounts[fstype],
-            bench.images["random-1g"],
-            args.vms,
-            args.vm_reps,
-            floor,
-        )
+    if "many" in args.only:
+        for fstype, bench in benches.items():
+            bench.base_images()
+            rows += await scenarios.many_vms(
+                fstype,
+                mounts[fstype],
+                bench.images["random-1g"],
+                args.vms,
+                args.vm_reps,
+                args.reps,
+            )
+    if "spares" in args.only:
+        for fstype, mountpoint in mounts.items():
+            rows += await spares_at_scale(
+                fstype,
+                mountpoint,
+                args.spares_extents,
+                args.vms,
+                args.spares_reps,
+            )
     return rows, curves
 
 
@@ -120,17 +172,21 @@ def main(argv=None):
         "reps": args.reps,
         "vms": args.vms,
         "vm_reps": args.vm_reps,
+        "spares_reps": args.spares_reps,
+        "scenarios": sorted(args.only),
         "results": rows,
         "curves": curves,
     }
     print()
-    print(report.text_table(rows))
+    print(report.text_tables(rows))
     report.write_json(os.path.join(args.results, "latest.json"), document)
-    picture = os.path.join(args.results, "latency.png")
-    report.draw(picture, curves)
+    picture = None
+    if curves:
+        report.draw(os.path.join(args.results, "latency.png"), curves)
+        picture = "benchmarks/results/latency.png"
     report.write_markdown(
         os.path.join(args.results, "latest.md"),
-        report.markdown(document, "benchmarks/results/latency.png"),
+        report.markdown(document, picture),
     )
     failed = [r for r in rows if r.get("pass") is False]
     print(

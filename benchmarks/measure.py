@@ -1,12 +1,16 @@
-"""Timing: statistics, the floor and clone baselines, the loop ticker.
+"""Timing: statistics, the floors and clone baselines, the loop ticker.
 
-The *floor* is the least any start can cost: renaming a ready file to
+The *bare floor* is the least any start can cost: renaming a ready file to
 another name in the same directory and fsyncing that directory, on the same
-filesystem, measured in the same run.  The *clone* baseline is a plain
-FICLONE of the same image, as a driver that clones at start would pay.
+filesystem, measured in the same run.  The *thread floor* is the same run
+through `asyncio.to_thread` from the event loop: the least a driver can do
+that keeps blocking file work off qubesd's loop, as this one does; start
+latency is judged against it.  The *clone* baseline is a plain FICLONE of
+the same image, as a driver that clones at start would pay.
 """
 
 import asyncio
+import fcntl
 import gc
 import math
 import os
@@ -40,10 +44,50 @@ def median_ms(samples):
     return ms(statistics.median(samples))
 
 
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+_FSTYPES = {}  # st_dev -> filesystem type
+
+
+def fstype(path):
+    """The type of the filesystem holding `path` ("xfs", "btrfs", ...)."""
+    dev = os.stat(path).st_dev
+    if dev not in _FSTYPES:
+        wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        _FSTYPES[dev] = None
+        with open("/proc/self/mountinfo", encoding="utf-8") as info:
+            for line in info:
+                fields = line.split()
+                if fields[2] == wanted:
+                    _FSTYPES[dev] = fields[fields.index("-") + 1]
+                    break
+    return _FSTYPES[dev]
+
+
+def _drain(path):
+    """Wait until the filesystem of `path` has done the work it left for
+    later: a freeze waits for it, and the thaw follows at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, FIFREEZE, 0)
+        fcntl.ioctl(fd, FITHAW, 0)
+    finally:
+        os.close(fd)
+
+
 def syncfs(path):
     """Write back everything dirty on the filesystem of `path` (untimed),
-    so one measurement does not pay for the previous one's writes."""
+    so one measurement does not pay for the previous one's writes.
+
+    XFS frees the extents of a deleted file (for a reflinked image, tens of
+    thousands of reference counts to update) in a background worker that
+    `sync -f` does not wait for, and that slows the clones and fsyncs
+    measured next: on XFS the filesystem is also frozen and thawed, which
+    waits for that work."""
     subprocess.run(["sync", "-f", path], check=True)
+    if fstype(path) == "xfs":
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        _drain(directory)
 
 
 def _fsync_dir(directory):
@@ -99,6 +143,13 @@ async def thread_floor_sample(directory):
     return elapsed
 
 
+async def floor_samples(directory):
+    """(bare floor, thread floor) in seconds: one sample of each, one right
+    after the other, in `directory` (beside the image measured next)."""
+    bare = floor_sample(directory)
+    return bare, await thread_floor_sample(directory)
+
+
 def clone_sample(image, copies=1):
     """Seconds for `copies` plain clones (FICLONE) of `image`, one after
     the other, beside it; the clones are removed afterwards, and that
@@ -118,6 +169,25 @@ def clone_sample(image, copies=1):
         os.unlink(target)
     syncfs(directory)
     return elapsed
+
+
+def clone_delete_sample(image):
+    """(seconds for a plain clone of `image`, seconds to delete it): the
+    clone (FICLONE) is made beside the image and written back, untimed;
+    the deletion is `unlink` + `syncfs` (btrfs drops the references of the
+    clone's extents in its next transaction, which `sync -f` waits for;
+    XFS in a background worker, which the freeze of `syncfs` waits for)."""
+    directory = os.path.dirname(image)
+    target = os.path.join(directory, ".bench-clone-delete")
+    syncfs(directory)
+    start = time.perf_counter()
+    images.clone(image, target)
+    cloned = time.perf_counter() - start
+    syncfs(directory)
+    start = time.perf_counter()
+    os.unlink(target)
+    syncfs(directory)
+    return cloned, time.perf_counter() - start
 
 
 async def timed(awaitable):
