@@ -397,7 +397,7 @@ _simple(
     after={"app/private": D("P2")},
 )
 _simple(
-    "start_snapshot_borrow",
+    "start_snapshot_takes_source_spare",
     [TPL_ROOT, APP_ROOT],
     build_app,
     _start("app/root"),

@@ -155,7 +155,7 @@ async def test_snapshot_start_stop(pool):
     await template.create()
     await cycle(template, data("T1"))
     template_tree = await settled_tree(pool)
-    template_files = {  # images and revisions; spares may be borrowed
+    template_files = {  # images and revisions; spares may be taken
         k: v
         for k, v in template_tree.items()
         if k.startswith("vm-templates") and "~" not in k
