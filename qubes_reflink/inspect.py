@@ -166,9 +166,10 @@ def scan_pool(pool_dir, attached=None):
     """Every file of the pool's VM directories, classified, with its state.
 
     `attached`: (st_dev, st_ino) of files loop devices use (default: read
-    from /sys).  A spare is stale when no committed image of the pool has
-    its key (snapshot volumes keep spares of their source's image); a base
-    link is stale when its volume is not running.
+    from /sys).  A spare is stale unless it is named for its own volume's
+    committed image (snapshot volumes keep none: one found there was left
+    by an older version); a base link is stale when its volume is not
+    running.
     """
     if not os.path.isdir(pool_dir):
         raise NotADirectoryError(f"{pool_dir} is not a directory")
@@ -176,8 +177,8 @@ def scan_pool(pool_dir, attached=None):
         attached = loop_backing_files()
     found = list(_list_files(pool_dir))
     keys = {
-        layout.spare_key(st)
-        for _, _, st, entry in found
+        f"{vm_dir}/{entry.volume}": layout.spare_key(st)
+        for vm_dir, _, st, entry in found
         if entry and entry.kind == layout.COMMITTED and stat.S_ISREG(st.st_mode)
     }
     running = {
@@ -212,7 +213,7 @@ def _state(entry, vid, spare_keys, running):
     if kind in (layout.COMMITTED, layout.REVISION, layout.DIRTY):
         return LIVE
     if kind == layout.SPARE:
-        return LIVE if entry.detail in spare_keys else STALE
+        return LIVE if spare_keys.get(vid) == entry.detail else STALE
     if kind == layout.BASE:
         return LIVE if vid in running else STALE
     if kind == layout.COW:
@@ -342,7 +343,7 @@ def _garbage_problem(info):
         return Problem(info.path, info.kind, what, REMOVE)
     if info.kind in (layout.SPARE, layout.BASE) and info.state == STALE:
         what = {
-            layout.SPARE: "spare of a committed image that no longer exists",
+            layout.SPARE: "spare of no current committed image of its volume",
             layout.BASE: "base link of a volume that is not running",
         }[info.kind]
         return Problem(info.path, f"stale-{info.kind}", what, REMOVE)

@@ -299,6 +299,28 @@ async def test_fsck_repair_removes_only_garbage(reflink_dir, capsys):
     assert set(identities(root)) == set(after) - {"appvms/work/private-cow.img"}
 
 
+async def test_spare_in_a_snapshot_volume_dir_is_stale(reflink_dir, capsys):
+    """A spare of the template's current root that an older version left
+    in an AppVM's directory is stale (snapshot volumes keep none), and
+    --repair removes it; the template's own spare stays live."""
+    root = await make_pool(reflink_dir)
+    template_dir = os.path.join(root, "vm-templates", "fedora")
+    (spare,) = [n for n in os.listdir(template_dir) if "~spare." in n]
+    legacy = os.path.join(root, "appvms", "work", spare)
+    shutil.copyfile(os.path.join(template_dir, spare), legacy)
+    code, report = run_json(capsys, "status", root)
+    assert code == 0
+    states = {
+        o["path"]: o["state"] for v in report["volumes"] for o in v["other"]
+    }
+    assert states[legacy] == "stale"
+    assert states[os.path.join(template_dir, spare)] == "live"
+    code, report = run_json(capsys, "fsck", "--repair", root)
+    assert [d["path"] for d in report["repaired"]] == [legacy]
+    assert not os.path.exists(legacy)
+    assert os.path.exists(os.path.join(template_dir, spare))
+
+
 async def test_fsck_never_touches_revisions_without_committed(
     btrfs_dir, capsys
 ):
