@@ -17,7 +17,7 @@ import subprocess
 import time
 
 from helpers import FakeVM, new_pool, origin, snapshot, volatile
-from qubes_reflink import fileops
+from qubes_reflink import fileops, layout
 
 from . import images
 from .images import GIB, MIB
@@ -57,7 +57,7 @@ def vm_writes(path, rng, offsets=None):
 
 def committed_path(volume):
     """The committed image of an origin volume."""
-    return os.path.join(os.path.dirname(volume.path), volume.name + ".img")
+    return layout.VolumeFiles(volume.pool.root, volume.vid).committed
 
 
 def row(fstype, operation, samples, **extra):

@@ -30,6 +30,7 @@ import statistics
 import time
 
 from helpers import FakeVM, new_pool, origin, snapshot
+from qubes_reflink import layout
 
 from . import images
 from .images import GIB, MIB
@@ -72,9 +73,10 @@ def build_image(directory, extents):
 def _spare_files(root):
     """The spares in the pool below `root`."""
     return sum(
-        name.count(".img~spare.")
+        1
         for _dir, _subdirs, names in os.walk(root)
         for name in names
+        if getattr(layout.classify(name), "kind", None) == layout.SPARE
     )
 
 
