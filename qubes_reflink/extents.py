@@ -99,6 +99,8 @@ import os
 import struct
 from typing import NamedTuple
 
+from .layout import VANISHED
+
 FS_IOC_FIEMAP = 0xC020660B
 #: BTRFS_IOC_FS_INFO: _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args)
 BTRFS_IOC_FS_INFO = 0x8400941F
@@ -230,7 +232,7 @@ def _open(path):
     """
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
+    except VANISHED:
         return None
 
 
