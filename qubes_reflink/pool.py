@@ -74,14 +74,19 @@ class ReflinkPool(Pool):
 
     @property
     def config(self):
-        """The pool's settings as qubes.xml stores them."""
+        """The pool's settings as qubes.xml stores them.
+
+        The booleans are given as the strings "True"/"False": R4.2's host
+        leaves a False bool out of qubes.xml, so ``setup_check=False`` would
+        come back as its default, True, after a qubesd restart.
+        """
         return {
             "name": self.name,
             "driver": self.driver,
             "dir_path": self.dir_path,
             "revisions_to_keep": self.revisions_to_keep,
-            "setup_check": self.setup_check,
-            "ephemeral_volatile": self.ephemeral_volatile,
+            "setup_check": str(self.setup_check),
+            "ephemeral_volatile": str(self.ephemeral_volatile),
         }
 
     async def setup(self):

@@ -386,7 +386,23 @@ class ReflinkVolume(Volume):
             self.save_on_stop and os.path.exists(self._files.dirty)
         ):
             return True
-        raise StoragePoolException(
+        raise self._no_start_data(needed)
+
+    def _no_start_data(self, needed):
+        """The error for a start without committed data to start from.
+
+        A source running with snapshots disabled has none until its VM
+        stops; R4.3's host refuses such a start itself, R4.2's does not.
+        """
+        source = self.source if self.snap_on_start else None
+        if source is not None and source.snapshots_disabled:
+            return StoragePoolException(
+                f"Cannot start volume {self.vid}: its source {source.vid} is "
+                "running with snapshots disabled (revisions_to_keep -1), so "
+                "it has no committed data to start from; shut down the VM "
+                "of the source first"
+            )
+        return StoragePoolException(
             f"Missing image file {needed} for volume {self.vid}"
         )
 
@@ -445,6 +461,8 @@ class ReflinkVolume(Volume):
                 log.warning("%s: keeping its unsaved running image", self.vid)
                 return
             fileops.remove_files([files.dirty])
+        if not os.path.exists(source.committed):
+            raise self._no_start_data(source.committed)
         fileops.remove_files([files.base])
         # made durable by the directory fsync of the rename (or published
         # copy) to the running image below, in the same directory

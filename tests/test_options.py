@@ -94,15 +94,39 @@ def test_config_round_trips_through_strings(options):
     assert config["driver"] == "file-reflink"
     assert config["name"] == "p"
     stored = {key: str(value) for key, value in config.items()}
-    for key, value in config.items():
-        if isinstance(value, bool):
-            assert stored[key] in ("True", "False")
+    assert stored["setup_check"] in ("True", "False")
+    assert stored["ephemeral_volatile"] in ("True", "False")
     del stored["driver"]
     again = ReflinkPool(**stored)
     assert again.config == config
     # and once more, through strings again: a fixed point
     stored2 = {k: str(v) for k, v in again.config.items() if k != "driver"}
     assert ReflinkPool(**stored2).config == config
+
+
+@pytest.mark.parametrize("value", ["no", "False", False])
+def test_setup_check_off_survives_r42_serialisation(value):
+    """R4.2 writes a bool to qubes.xml only when it is True (and R4.3 writes
+    "False"): an option turned off must not come back on after a restart."""
+
+    def r42_sanitize(config):
+        return {
+            key: (
+                ("True" if value else None)
+                if isinstance(value, bool)
+                else str(value)
+            )
+            for key, value in config.items()
+            if value is not False
+        }
+
+    pool = make_pool(setup_check=value, ephemeral_volatile="yes")
+    stored = r42_sanitize(pool.config)
+    assert stored["setup_check"] == "False"
+    del stored["driver"]
+    again = ReflinkPool(**stored)
+    assert again.setup_check is False
+    assert again.ephemeral_volatile is True
 
 
 def test_config_has_every_option():
