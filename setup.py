@@ -32,6 +32,13 @@ setuptools.setup(
             "hypothesis>=6",
             "black>=26,<27",
             "pylint>=4,<5",
+            # what the qubes-core-admin trees of the real-host tests import
+            # (setuptools for distutils, gone from Python 3.12)
+            "lxml",
+            "docutils",
+            "jinja2",
+            "PyYAML",
+            "setuptools",
         ],
         "bench": ["matplotlib>=3.7"],
     },

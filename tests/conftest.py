@@ -99,3 +99,25 @@ async def pool(any_dir):
     the_pool = await new_pool(any_dir, setup_check="no")
     yield the_pool
     await the_pool.wait_background()
+
+
+#: `make test PARTIAL=1`: a test that can't run here is reported, not failed
+PARTIAL = os.environ.get("PARTIAL") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
+    """A skipped test did not run: it fails, saying why, unless the run was
+    asked to be partial; then the summary lists it (pytest -rs)."""
+    outcome = yield
+    report = outcome.get_result()
+    if PARTIAL or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr
+    if isinstance(reason, tuple):
+        reason = reason[2]
+    report.outcome = "failed"
+    report.longrepr = (
+        f"did not run: {reason}\nInstall what it needs (as root, `make "
+        "test` installs it), or run `make test PARTIAL=1` for a partial run."
+    )

@@ -232,3 +232,11 @@ def check_host_imports(release, python, env):
             f"({python} -m pip install {' '.join(HOST_PACKAGES)}), as "
             "`make deps` does"
         )
+
+
+if __name__ == "__main__":
+    # `python3 tests/hosts.py 3.13`: the path of that Python (for make)
+    try:
+        print(find_python(sys.argv[1]))
+    except HostUnavailable as error:
+        sys.exit(f"tests/hosts.py: {error}")
