@@ -9,30 +9,46 @@ all:
 	$(PYTHON) setup.py build
 
 # --install-scripts: Debian's Python turns --prefix /usr into /usr/local;
-# the console script belongs in /usr/bin whatever the platform.
+# the console script belongs in /usr/bin whatever the platform, and runs
+# dom0's /usr/bin/python3 whatever Python builds it. SITELIB: where the
+# package goes (the RPM gives its release's site-packages).
+SCRIPT_PYTHON ?= /usr/bin/python3
+SITELIB ?=
 install:
-	$(PYTHON) setup.py install -O1 --root $(DESTDIR)/ --prefix /usr \
-		--install-scripts /usr/bin
+	$(PYTHON) setup.py build_scripts --executable $(SCRIPT_PYTHON) \
+		install -O1 --root $(DESTDIR)/ --prefix /usr \
+		--install-scripts /usr/bin $(if $(SITELIB),--install-lib $(SITELIB))
 
-# Local RPM build: tarball made with `git archive` (of the working tree,
-# tracked and untracked files that .gitignore does not exclude, or of a
-# commit with GIT_REF=HEAD), spec from rpm_spec/qubes-reflink.spec.in with
-# @VERSION@/@CHANGELOG@ substituted, `rpmbuild -ba` under $(RPM_TOPDIR).
-# A plain rpm (e.g. Debian's) lacks Fedora's python-rpm-macros: the missing
-# macros are defined from $(PYTHON) the way Fedora computes them. When the
-# rpm database is not the system's package database, build dependencies
-# cannot be checked (--nodeps).
+# Local RPM build for one Qubes release (RELEASE=R4.3, the default, or
+# RELEASE=R4.2): built by that release's dom0 Python (found as the tests
+# find it), for its site-packages, requiring its python(abi), with its
+# Fedora's dist tag. The tarball is made with `git archive` (of the working
+# tree, tracked and untracked files that .gitignore does not exclude, or of
+# a commit with GIT_REF=HEAD), the spec from rpm_spec/qubes-reflink.spec.in
+# with @VERSION@/@CHANGELOG@ substituted, `rpmbuild -ba` under
+# $(RPM_TOPDIR). When the rpm database is not the system's package
+# database (e.g. Debian's rpm), build dependencies cannot be checked
+# (--nodeps).
 VERSION := $(shell cat version)
-RPM_TOPDIR ?= $(CURDIR)/build/rpmbuild
+RELEASE ?= R4.3
+release_python.R4.2 := 3.11
+release_python.R4.3 := 3.13
+release_dist.R4.2 := .fc37
+release_dist.R4.3 := .fc41
+RPM_PY_VERSION = $(or $(release_python.$(RELEASE)),$(error RELEASE=$(RELEASE) \
+	is not a release this package is built for: use R4.2 or R4.3))
+RPM_PYTHON = $(shell $(PYTHON) tests/hosts.py $(RPM_PY_VERSION))
+RPM_TOPDIR ?= $(CURDIR)/build/rpmbuild-$(RELEASE)
 GIT_REF ?=
-rpm_define_missing = $(if $(shell rpm --eval '%{?$(1)}' 2>/dev/null),,--define "$(1) $(2)")
 RPM_DEFINES = --define "_topdir $(RPM_TOPDIR)" \
-	$(call rpm_define_missing,__python3,$(shell $(PYTHON) -c 'import sys; print(sys.executable)')) \
-	$(call rpm_define_missing,python3_sitelib,$(shell RPM_BUILD_ROOT= $(PYTHON) -Ic "import sysconfig; print(sysconfig.get_path('purelib', vars={'platbase': '/usr', 'base': '/usr'}))")) \
-	$(call rpm_define_missing,python3_version,$(shell $(PYTHON) -c 'import sys; print("{}.{}".format(*sys.version_info))')) \
+	--define "__python3 $(RPM_PYTHON)" \
+	--define "python3_version $(RPM_PY_VERSION)" \
+	--define "python3_sitelib /usr/lib/python$(RPM_PY_VERSION)/site-packages" \
+	--define "dist $(release_dist.$(RELEASE))" \
 	$(if $(shell rpm -q --quiet rpm 2>/dev/null && echo y),,--nodeps)
 
 rpm:
+	@[ -n "$(RPM_PYTHON)" ] || { $(PYTHON) tests/hosts.py $(RPM_PY_VERSION); exit 1; }
 	cd $(RPM_TOPDIR) 2>/dev/null && rm -rf BUILD BUILDROOT RPMS SRPMS SOURCES SPECS index changelog || true
 	mkdir -p $(RPM_TOPDIR)/SOURCES $(RPM_TOPDIR)/SPECS
 	set -e; tree='$(GIT_REF)'; \

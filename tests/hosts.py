@@ -234,6 +234,39 @@ def check_host_imports(release, python, env):
         )
 
 
+def site_view_without_project(python, directory):
+    """A directory of symlinks to everything in `python`'s site-packages
+    except this project's own installation (the editable install of `make
+    deps`), so that a payload under test is the only qubes_reflink there.
+
+    A check that runs ``python -S`` adds it with `site.addsitedir` (which
+    reads its .pth files, setuptools' distutils shim among them)."""
+    result = subprocess.run(
+        [
+            python,
+            "-c",
+            "import site; print('\\n'.join(site.getsitepackages()))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    os.makedirs(directory, exist_ok=True)
+    for site_dir in result.stdout.split():
+        for name in sorted(
+            os.listdir(site_dir) if os.path.isdir(site_dir) else ()
+        ):
+            own = name.lower().replace("-", "_")
+            if "qubes_reflink" in own or os.path.lexists(
+                os.path.join(directory, name)
+            ):
+                continue
+            os.symlink(
+                os.path.join(site_dir, name), os.path.join(directory, name)
+            )
+    return directory
+
+
 if __name__ == "__main__":
     # `python3 tests/hosts.py 3.13`: the path of that Python (for make)
     try:

@@ -20,6 +20,8 @@ import tarfile
 
 import pytest
 
+import hosts
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC_IN = ROOT / "rpm_spec" / "qubes-reflink.spec.in"
 RENAME_SCRIPT = ROOT / "rpm_spec" / "rename-entry-point.sh"
@@ -165,7 +167,8 @@ def test_make_install_destdir(installed):
     script = destdir / "usr" / "bin" / "qubes-reflink"
     assert script.is_file()
     assert os.access(script, os.X_OK)
-    assert script.read_text().startswith("#!")
+    # dom0's interpreter, whatever Python ran the install
+    assert script.read_text().startswith("#!/usr/bin/python3\n")
 
 
 def make_site(tmp_path, name, installed_sitelib, rename):
@@ -276,10 +279,11 @@ def test_rename_script_refuses_unexpected_metadata(installed, tmp_path):
     assert after == before
 
 
-def rpm_payload_file(rpm, path):
-    """Contents of `path` in the payload of `rpm` (via rpm2archive)."""
+def unpack_rpm(rpm, root):
+    """Extract the payload of `rpm` into `root` (via rpm2archive), as rpm
+    would install it there."""
     if not shutil.which("rpm2archive"):
-        pytest.skip("rpm2archive is not installed: payload not checked")
+        pytest.fail("rpm2archive is not installed (package rpm)")
     with open(rpm, "rb") as rpm_file:
         proc = subprocess.run(
             ["rpm2archive", "-"],
@@ -288,25 +292,25 @@ def rpm_payload_file(rpm, path):
             check=True,
         )
     with tarfile.open(fileobj=io.BytesIO(proc.stdout), mode="r:*") as tar:
-        member = tar.extractfile("." + path)
-        return member.read().decode()
+        tar.extractall(root, filter="data")
+    return root
 
 
-def test_rpm_build(tmp_path):
+@pytest.fixture(scope="module", params=hosts.RELEASES, ids=lambda r: r.id)
+def release_rpm(request, tmp_path_factory):
+    """(release, path) of the RPM `make rpm RELEASE=...` builds for it."""
+    release = request.param
     for tool in ("rpmbuild", "rpm", "git", "make"):
         if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed: RPM build not tested")
+            pytest.fail(f"{tool} is not installed: RPM build not tested")
     if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: `make rpm` uses git archive")
-    if not (ROOT / "README.md").exists():
-        pytest.fail(
-            "README.md is missing: the spec's `%doc README.md` needs it"
-        )
-    topdir = tmp_path / "rpmbuild"
+        pytest.fail("not a git checkout: `make rpm` uses git archive")
+    topdir = tmp_path_factory.mktemp("rpmbuild")
     run(
         [
             "make",
             "rpm",
+            f"RELEASE={release.qubes}",
             f"RPM_TOPDIR={topdir}",
             f"PYTHON={sys.executable}",
         ],
@@ -317,21 +321,21 @@ def test_rpm_build(tmp_path):
     )
     assert len(rpms) == 1, rpms
     assert list((topdir / "SRPMS").glob(f"qubes-reflink-{VERSION}-1*.src.rpm"))
-    rpm = rpms[0]
+    return release, rpms[0]
 
+
+def test_rpm_build(release_rpm):
+    """The package is made for its release's dom0 Python, and only that."""
+    release, rpm = release_rpm
+    sitelib = f"/usr/lib/python{release.python}/site-packages"
     files = run(["rpm", "-qlp", str(rpm)]).stdout.split()
-    entry_points_path = next(
-        path
-        for path in files
-        if re.fullmatch(
-            rf"/usr/.*/qubes_reflink-{re.escape(VERSION)}-py3\.\d+"
-            r"\.egg-info/entry_points\.txt",
-            path,
-        )
-    )
-    sitelib = entry_points_path.rsplit("/", 2)[0]
+    egg_info = f"{sitelib}/qubes_reflink-{VERSION}-py{release.python}.egg-info"
+    assert f"{egg_info}/entry_points.txt" in files
     for module in (ROOT / "qubes_reflink").glob("*.py"):
         assert f"{sitelib}/qubes_reflink/{module.name}" in files
+    assert all(
+        path.startswith((sitelib, "/usr/bin/", "/usr/share/")) for path in files
+    ), files
     assert "/usr/bin/qubes-reflink" in files
     assert any(
         re.fullmatch(r"/usr/share/licenses/.*/LICENSE", f) for f in files
@@ -340,10 +344,64 @@ def test_rpm_build(tmp_path):
 
     requires = run(["rpm", "-qpR", str(rpm)]).stdout.splitlines()
     assert "qubes-core-dom0" in requires
-    assert "python3" in requires
+    assert f"python(abi) = {release.python}" in requires
+    assert not [
+        r
+        for r in requires
+        if r.startswith("python(abi)") and release.python not in r
+    ]
 
-    parser = configparser.ConfigParser(delimiters=("=",))
-    parser.optionxform = str
-    parser.read_string(rpm_payload_file(rpm, entry_points_path))
-    assert dict(parser[GROUP]) == {"qubes-reflink": OUR_VALUE}
-    assert dict(parser["console_scripts"]) == {"qubes-reflink": CLI_VALUE}
+
+def test_rpm_payload_on_its_host(release_rpm, tmp_path):
+    """Unpacked into a scratch root, the RPM is what its release's qubesd
+    finds as `qubes-reflink`, beside the core's own `file-reflink`, with
+    pools of both in one qubes.xml; its console script runs."""
+    release, rpm = release_rpm
+    root = unpack_rpm(rpm, tmp_path / "root")
+    sitelib = root / f"usr/lib/python{release.python}/site-packages"
+    (egg_info,) = sitelib.glob("qubes_reflink-*.egg-info")
+    assert entry_points_of(egg_info)[GROUP] == {"qubes-reflink": OUR_VALUE}
+    assert entry_points_of(egg_info)["console_scripts"] == {
+        "qubes-reflink": CLI_VALUE
+    }
+    try:
+        python = release.interpreter()
+        meta = hosts.write_host_metadata(
+            release.tree(), str(tmp_path / "meta"), core_file_reflink=True
+        )
+        env = hosts.host_environment(release, meta, extra_path=[str(sitelib)])
+        hosts.check_host_imports(release, python, env)
+    except hosts.HostUnavailable as err:
+        pytest.fail(str(err), pytrace=False)
+    env["QUBES_REFLINK_SITE_VIEW"] = hosts.site_view_without_project(
+        python, str(tmp_path / "site")
+    )
+    env["QUBES_REFLINK_PAYLOAD_SITELIB"] = str(sitelib)
+    env["QUBES_REFLINK_PAYLOAD_SCRIPT"] = str(root / "usr/bin/qubes-reflink")
+    result = subprocess.run(
+        [python, "-S", os.path.join(hosts.HERE, "rpm_payload_checks.py")],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "\nOK" in result.stdout, result.stdout
+
+
+def test_rpm_unknown_release_is_refused(tmp_path):
+    """A release the package is not built for stops before any build."""
+    proc = subprocess.run(
+        ["make", "rpm", "RELEASE=R4.1", f"RPM_TOPDIR={tmp_path}/top"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "RELEASE=R4.1 is not a release" in proc.stderr
+    assert "use R4.2 or R4.3" in proc.stderr
+    assert not (tmp_path / "top").exists()
