@@ -66,6 +66,8 @@ class ReflinkPool(Pool):
         self._live = {}
         #: where stops put the images they discard, emptied in the background
         self.trash = Trash(self)
+        #: set by `close`: no background work is started any more
+        self.closed = False
 
     @property
     def driver(self):
@@ -137,6 +139,21 @@ class ReflinkPool(Pool):
         trash is empty."""
         await self.wait_spares()
         await self.trash.wait()
+
+    async def close(self):
+        """End the pool's background work, for a host that stops: after
+        this no task of the pool is left on the event loop.
+
+        Volume operations still work, but start no background work (a
+        start then clones).  A spare being cloned is finished, as a clone
+        in a thread can't be interrupted and half a spare is only a
+        temporary file; one not begun is not made.  The trash sweep ends
+        after the file at hand (see `Trash.close`).  The host's stop of
+        each volume at its next start makes what was left undone.
+        """
+        self.closed = True
+        await self.trash.close()
+        await self.wait_spares()
 
     async def wait_spares(self):
         """Wait until no volume of this pool is preparing a spare: each

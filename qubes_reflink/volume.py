@@ -193,6 +193,8 @@ class ReflinkVolume(Volume):
         if self.snap_on_start:
             self.source._prepare_spare_later()  # pylint: disable=W0212
             return
+        if self.pool.closed:
+            return
         live = self._live
         live.spare_wanted = True
         if live.background is None or live.background.done():
@@ -206,6 +208,8 @@ class ReflinkVolume(Volume):
         while self._live.spare_wanted:
             self._live.spare_wanted = False
             async with self._lock:
+                if self.pool.closed:
+                    return  # closed while this task waited for the lock
                 try:
                     await asyncio.to_thread(self._in_pool, self._prepare_spare)
                 except Exception as err:  # pylint: disable=W0718

@@ -95,10 +95,12 @@ def fstype_of(path):
 
 @pytest.fixture
 async def pool(any_dir):
-    """A pool on btrfs, XFS and ext4 in turn; background work awaited."""
+    """A pool on btrfs, XFS and ext4 in turn; background work awaited,
+    then the pool closed (no task outlives the test's event loop)."""
     the_pool = await new_pool(any_dir, setup_check="no")
     yield the_pool
     await the_pool.wait_background()
+    await the_pool.close()
 
 
 #: `make test PARTIAL=1`: a test that can't run here is reported, not failed

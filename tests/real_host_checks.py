@@ -176,6 +176,7 @@ class HostCase(qubes.tests.QubesTestCase):
             for pool in app.pools.values():
                 if isinstance(pool, ReflinkPool):
                     self.run_coro(pool.wait_background())
+                    self.run_coro(pool.close())
             app.close()
         # the host's leak check fails on any Qubes or VM object left
         for name, value in list(vars(self).items()):

@@ -240,26 +240,3 @@ async def test_a_burst_of_stops_is_swept_in_one_pass(any_dir, monkeypatch):
     await pool.wait_background()
     assert len(passes) == 1
     assert layout.trash_entries(pool.root) == []
-
-
-def test_a_new_event_loop_sweeps_again(any_dir, monkeypatch):
-    """A host that closes its event loop with a sweep pending (as the core's
-    tests do, one loop per test) and goes on with a new loop: the new loop
-    sweeps."""
-    monkeypatch.setattr(trash, "SWEEP_DELAY", 60.0)
-    first = asyncio.new_event_loop()
-    pool = first.run_until_complete(new_pool(any_dir, setup_check="no"))
-    volume = volatile(pool, FakeVM("work"), size=MIB)
-    for step in (volume.create, volume.start, volume.stop):
-        first.run_until_complete(step())
-    first.close()  # the sweep is still waiting: it never runs
-    assert len(layout.trash_entries(pool.root)) == 1
-
-    monkeypatch.setattr(trash, "SWEEP_DELAY", 0.0)
-
-    async def stop_again():
-        await volume.stop()
-        await pool.wait_background()
-
-    asyncio.run(stop_again())
-    assert layout.trash_entries(pool.root) == []
