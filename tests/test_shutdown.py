@@ -16,6 +16,7 @@ import threading
 from helpers import (
     MIB,
     FakeVM,
+    committed,
     data,
     new_pool,
     origin,
@@ -78,14 +79,10 @@ async def test_close_leaves_no_task(reflink_dir, monkeypatch):
     await scratch.stop()  # its running image waits in the trash
     await pool.close()
     assert not other_tasks()
-    assert read_image(committed_path(private), 9) == b"committed"
+    assert read_image(committed(private), 9) == b"committed"
     assert listing(private).temps == []
     # the sweep was due in a minute: not made, the file waits for the next
     assert len(layout.trash_entries(pool.root)) == 1
-
-
-def committed_path(volume):
-    return layout.VolumeFiles(volume.pool.root, volume.vid).committed
 
 
 async def test_close_finishes_the_spare_being_cloned(reflink_dir, monkeypatch):
@@ -122,7 +119,7 @@ async def test_closed_pool_still_runs_volumes(reflink_dir):
     await private.stop()
     assert not other_tasks()  # no spare, no sweep after the close
     assert listing(private).spares == {}
-    assert read_image(committed_path(private), 11) == b"after-close"
+    assert read_image(committed(private), 11) == b"after-close"
 
 
 async def test_close_stops_the_sweep_between_files(any_dir, monkeypatch):
@@ -215,4 +212,4 @@ async def test_a_temp_left_by_a_killed_clone_is_removed(reflink_dir):
     await again.wait_background()
     assert not os.path.exists(half)
     assert listing(private).temps == []
-    assert read_image(committed_path(private), len(tag)) == tag
+    assert read_image(committed(private), len(tag)) == tag
