@@ -39,6 +39,9 @@ setuptools.setup(
             "jinja2",
             "PyYAML",
             "setuptools",
+            # the write-logging block device of the power-cut tests
+            # (libfuse3 itself: the system package fuse3)
+            "mfusepy",
         ],
         "bench": ["matplotlib>=3.7"],
     },

@@ -328,18 +328,20 @@ def publish(tmp, dst):
 def rename(src, dst):
     """Rename `src` to `dst` (replacing it) and make that durable.
 
-    One fsync, of `dst`'s directory, makes the whole rename durable, the
-    old name's removal included: a rename is one transaction on XFS and
-    ext4, forced out with the directory, and btrfs logs it so that a
-    replay leaves only the new name.  Fsyncing the old directory after a
-    rename across directories (a start taking its source's spare) would
-    instead make btrfs commit its whole transaction: 20 ms rather than 2
-    when deletions of many-extent files are pending.
+    The fsync of `dst`'s directory makes the new name durable; on XFS and
+    ext4 a rename is one journal transaction, so that also removes the old
+    name for good.  btrfs does not: after a rename across directories and
+    an fsync of the new one only, a power cut there leaves the file under
+    both names (a hard link; see docs/DESIGN.md, "What a power cut leaves
+    on btrfs").  So the old directory is fsynced too: once this returns,
+    the old name is durably gone on every filesystem.
     """
     with _step("rename", src, dst):
         os.rename(src, dst)
     log.info("renamed %s to %s", src, dst)
     _fsync_dirs(dst)
+    if os.path.dirname(src) != os.path.dirname(dst):
+        _fsync_dirs(src)
 
 
 def link(src, dst, durable=True):

@@ -242,8 +242,12 @@ class ReflinkVolume(Volume):
     def _take_spare(self, files, key):
         """Rename the spare of version `key` found in `files`' directory to
         this volume's running image; False if there is none (another start
-        took it first)."""
-        _check_own_image(files.spare(key))
+        took it first, or a power cut left it linked to another image)."""
+        spare = files.spare(key)
+        if _linked_elsewhere(spare):
+            self.pool.trash.discard([spare])
+            return False
+        _check_own_image(spare)
         try:
             fileops.rename(files.spare(key), self._files.dirty)
         except FileNotFoundError:
@@ -265,7 +269,11 @@ class ReflinkVolume(Volume):
         committed = None if self.snap_on_start else self._files.committed
         current = fileops.stat_or_none(committed) if committed else None
         fresh = layout.spare_key(current) if current else None
-        stale += [p for key, p in listing.spares.items() if key != fresh]
+        stale += [
+            path
+            for key, path in listing.spares.items()
+            if key != fresh or _linked_elsewhere(path)
+        ]
         # a stale spare may have many extents: its deletion is background
         self.pool.trash.discard(stale)
 
@@ -705,6 +713,21 @@ class ReflinkVolume(Volume):
                 f"{revision!r} (revisions: {known})"
             )
         self._commit(chosen[0].path)
+
+
+def _linked_elsewhere(spare):
+    """Whether `spare` is a regular file with another name too.
+
+    A power cut during a start that renamed a spare into a VM's directory
+    can leave it under both names on btrfs (docs/DESIGN.md): then it is
+    that VM's image, whatever it holds now, and no spare any more.
+    """
+    stat_result = fileops.stat_or_none(spare)
+    return (
+        stat_result is not None
+        and stat.S_ISREG(stat_result.st_mode)
+        and stat_result.st_nlink > 1
+    )
 
 
 def _check_own_image(path):

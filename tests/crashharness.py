@@ -97,6 +97,11 @@ NOREV = Vol("norev/private", "origin", rtk=0)
 DISABLED = Vol("nosnap/private", "origin", rtk=-1)
 CLONE = Vol("clone/private", "origin", rtk=1)
 SRC_FOREIGN = Vol("srcvm/private", "origin", pool="src", rtk=1)
+# a DispVM of the AppVM "app": its root and private are snapshots
+DISP_ROOT = Vol("disp1/root", "snapshot", source="tpl/root")
+DISP_PRIVATE = Vol("disp1/private", "snapshot", source="app/private")
+DISP_VOLATILE = Vol("disp1/volatile", "volatile")
+DISP = [DISP_ROOT, DISP_PRIVATE, DISP_VOLATILE]
 
 
 # -- contents ----------------------------------------------------------------
@@ -526,6 +531,47 @@ _simple(
     ),
     _stop("app/volatile"),
     target="app/volatile",
+)
+
+
+# a DispVM: its three volumes started and stopped together, as qubesd does
+async def _build_dispvm(world, state):
+    await build_app(world, state)
+    for vol in DISP:
+        await world.vols[vol.key].create()
+
+
+def _all(verb, vols):
+    async def op(world, _state):
+        await asyncio.gather(
+            *(getattr(world.vols[v.key], verb)() for v in vols)
+        )
+
+    return op
+
+
+async def _build_running_dispvm(world, state):
+    await _build_dispvm(world, state)
+    await _all("start", DISP)(world, state)
+    for vol in DISP:
+        write_label(world.vols[vol.key].path, "S")
+
+
+_simple(
+    "start_dispvm",
+    [TPL_ROOT, APP_PRIVATE] + DISP,
+    _build_dispvm,
+    _all("start", DISP),
+    target="disp1/private",
+    after={"tpl/root": D("A"), "app/private": D("P2")},
+)
+_simple(
+    "stop_dispvm",
+    [TPL_ROOT, APP_PRIVATE] + DISP,
+    _build_running_dispvm,
+    _all("stop", DISP),
+    target="disp1/private",
+    after={"tpl/root": D("A"), "app/private": D("P2")},
 )
 
 

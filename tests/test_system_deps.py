@@ -52,7 +52,7 @@ def bare_path():
 def test_without_root_it_stops_naming_what_is_missing(bare_path):
     result = run_as_nobody(bare_path)
     assert result.returncode == 1
-    for package in ("btrfs-progs", "xfsprogs", "strace", "rpm"):
+    for package in ("btrfs-progs", "xfsprogs", "strace", "rpm", "fuse3"):
         assert package in result.stderr
     assert "PARTIAL=1" in result.stderr
 
