@@ -5,7 +5,9 @@ Scenarios: origin (start and stop of origin volumes at every image: the
 picture), snapshot (AppVM root and disposable starts), export (export and
 revert), import (btrfs->xfs import_volume), many (--vms VMs started and
 stopped at once), spares (spares at scale: reflinks of a template root of
---spares-extents extents, and --vms AppVMs of it).
+--spares-extents extents, and --vms AppVMs of it), boot (boot storms: up
+to --vms AppVMs of such a template started together, by subvolume
+snapshots and by clones).
 """
 
 import argparse
@@ -27,7 +29,15 @@ from . import report  # noqa: E402
 from .images import GIB  # noqa: E402
 
 FS_SIZE = 24 * GIB
-SCENARIOS = ("origin", "snapshot", "export", "import", "many", "spares")
+SCENARIOS = (
+    "origin",
+    "snapshot",
+    "export",
+    "import",
+    "many",
+    "spares",
+    "boot",
+)
 
 
 def parse_args(argv):
@@ -67,7 +77,7 @@ def parse_args(argv):
         "--spares-extents",
         type=int,
         default=30000,
-        help="extents of the template root of the spares scenario",
+        help="extents of the template root of the spares and boot scenarios",
     )
     parser.add_argument(
         "--results",
@@ -104,12 +114,13 @@ def parse_args(argv):
 
 
 async def run(args, mounts):
-    """Every measurement; returns (rows, curves)."""
+    """Every measurement; returns (rows, curves, boot storm curves)."""
     # pylint: disable=import-outside-toplevel
     from . import scenarios
+    from .bootstorm import boot_storms
     from .spares import spares_at_scale
 
-    rows, curves, benches = [], {}, {}
+    rows, curves, benches, storms = [], {}, {}, {}
     single = args.only & {"origin", "snapshot", "export"}
     for fstype, mountpoint in mounts.items():
         bench = scenarios.FilesystemBench(
@@ -147,7 +158,17 @@ async def run(args, mounts):
                 args.vms,
                 args.spares_reps,
             )
-    return rows, curves
+    if "boot" in args.only:
+        for fstype, mountpoint in mounts.items():
+            more, storms[fstype] = await boot_storms(
+                fstype,
+                mountpoint,
+                args.spares_extents,
+                args.vms,
+                args.vm_reps,
+            )
+            rows += more
+    return rows, curves, storms
 
 
 def main(argv=None):
@@ -164,7 +185,7 @@ def main(argv=None):
             fstype: stack.enter_context(loop_filesystem(fstype, size=FS_SIZE))
             for fstype in args.fs
         }
-        rows, curves = asyncio.run(run(args, mounts))
+        rows, curves, storms = asyncio.run(run(args, mounts))
     document = {
         "date": report.now(),
         "duration_s": round(time.perf_counter() - started, 1),
@@ -176,6 +197,7 @@ def main(argv=None):
         "scenarios": sorted(args.only),
         "results": rows,
         "curves": curves,
+        "boot_storms": storms,
     }
     print()
     print(report.text_tables(rows))
@@ -184,6 +206,10 @@ def main(argv=None):
     if curves:
         report.draw(os.path.join(args.results, "latency.png"), curves)
         picture = "benchmarks/results/latency.png"
+    if storms:
+        report.draw_boot_storms(
+            os.path.join(args.results, "bootstorm.png"), storms
+        )
     report.write_markdown(
         os.path.join(args.results, "latest.md"),
         report.markdown(document, picture),

@@ -216,6 +216,37 @@ def draw(path, curves):
     pyplot.close(figure)
 
 
+def draw_boot_storms(path, storms):
+    """Time until all have started against the number of AppVMs started
+    together, per filesystem and way of starting (subvolume, clone)."""
+    # pylint: disable=import-outside-toplevel
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(7, 4.8))
+    styles = {"subvolume": "o-", "clone": "s--"}
+    for fstype in sorted(storms):
+        for mechanism, points in sorted(storms[fstype].items()):
+            axis.plot(
+                [point["vms"] for point in points],
+                [point["total_ms"] / 1000 for point in points],
+                styles[mechanism],
+                label=f"{fstype}, {mechanism}",
+            )
+    axis.set_xlabel("AppVMs of one template started together")
+    axis.set_ylabel("until all have started, s (median)")
+    axis.set_title("Boot storm: 1 GiB template root, fragmented")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    _write_atomically(
+        path, lambda tmp: figure.savefig(tmp, format="png", dpi=100)
+    )
+    pyplot.close(figure)
+
+
 def markdown(document, picture):
     """The README-ready section: date, machine, tables, picture (None:
     no picture, the origin scenario did not run)."""
@@ -263,6 +294,12 @@ def markdown(document, picture):
         ]
     if picture:
         lines += [f"![latency against extent count]({picture})", ""]
+    if document.get("boot_storms"):
+        lines += [
+            "![boot storm: time until all have started against the number "
+            "of AppVMs](benchmarks/results/bootstorm.png)",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from . import fileops, inspect, layout, migrate
+from . import btrfs, fileops, inspect, layout, migrate
 from .pool import driver_name
 
 log = logging.getLogger("qubes.storage.reflink")
@@ -303,6 +303,7 @@ _WOULD = {
     inspect.REMOVE: "--repair removes it",
     inspect.CHMOD: "--repair sets mode 0600",
     inspect.REMOVE_COW: "--repair --remove-cow removes it",
+    inspect.REMOVE_SUBVOLUME: "--repair --remove-subvolumes removes it",
     "": "left for you to decide",
 }
 
@@ -314,10 +315,10 @@ def cmd_fsck(args, out):
         out.line("refusing to repair while qubesd is running: stop it first")
         out.line("(or use --force if it does not use this pool)")
         return EXIT_REFUSED
-    problems = inspect.find_problems(inspect.scan_pool(pool_dir))
+    problems = _fsck_problems(pool_dir, args)
     done = _repair(out, problems, args.remove_cow) if args.repair else []
     if args.repair:
-        problems = inspect.find_problems(inspect.scan_pool(pool_dir))
+        problems = _fsck_problems(pool_dir, args)
     for problem in problems:
         out.line(
             f"{problem.path}: {problem.message} ({_WOULD[problem.repair]})"
@@ -331,6 +332,16 @@ def cmd_fsck(args, out):
         }
     )
     return EXIT_NO if problems else EXIT_OK
+
+
+def _fsck_problems(pool_dir, args):
+    """What fsck reports; with --remove-subvolumes also every subvolume of
+    the pool (switching to another driver), which --repair then removes."""
+    scan = inspect.scan_pool(pool_dir)
+    problems = inspect.find_problems(scan)
+    if args.remove_subvolumes:
+        problems = sorted(set(problems + inspect.subvolume_removals(scan)))
+    return problems
 
 
 def _fsck_summary(problems, done, args):
@@ -348,7 +359,7 @@ def _fsck_summary(problems, done, args):
 def _repair(out, problems, remove_cow):
     """Carry out the repairs fsck allows; never a committed image's data,
     a running image or a revision (find_problems offers none of those)."""
-    actions = {inspect.REMOVE, inspect.CHMOD}
+    actions = {inspect.REMOVE, inspect.CHMOD, inspect.REMOVE_SUBVOLUME}
     if remove_cow:
         actions.add(inspect.REMOVE_COW)
     chosen = [p for p in problems if p.repair in actions]
@@ -359,6 +370,9 @@ def _repair(out, problems, remove_cow):
             if problem.repair == inspect.CHMOD:
                 old = fileops.set_image_mode(problem.path)
                 action = f"changed mode {old:04o} to 0600"
+            elif btrfs.is_subvolume(problem.path):
+                btrfs.destroy(problem.path)
+                action = "removed"
             else:
                 fileops.remove_files([problem.path])
                 action = "removed"
@@ -524,6 +538,25 @@ def _remove_cow(out, paths):
     return removed
 
 
+def _reverted_subvolumes(xml_path, backup):
+    """The subvolumes, not in use, of the pools that the revert gives back
+    to the file driver, which knows none."""
+    with open(xml_path, "rb") as xml_file:
+        current = migrate.read_pools(xml_file.read())
+    with open(backup, "rb") as backup_file:
+        before = {
+            p.name: p.driver for p in migrate.read_pools(backup_file.read())
+        }
+    removals = []
+    for pool in current:
+        if pool.driver != driver_name() or before.get(pool.name) == pool.driver:
+            continue
+        if os.path.isdir(pool.dir_path):
+            scan = inspect.scan_pool(pool.dir_path)
+            removals += inspect.subvolume_removals(scan)
+    return removals
+
+
 def _revert(args, out, xml_path):
     """Put the newest backup back in place of qubes.xml."""
     backups = layout.xml_backups(xml_path)
@@ -533,11 +566,15 @@ def _revert(args, out, xml_path):
     if args.apply and not args.force and inspect.qubesd_running():
         out.line("refusing: qubesd is running; stop it first (or --force)")
         return EXIT_REFUSED
+    subvolumes = _reverted_subvolumes(xml_path, newest)
     if not args.apply:
+        for problem in subvolumes:
+            out.line(f"would remove {problem.path} ({problem.message})")
         out.line(f"would restore {newest} as {xml_path}")
         out.line("nothing changed: run again with --apply to do it")
         out.data({"qubes_xml": xml_path, "backup": newest, "applied": False})
         return EXIT_OK
+    _repair(out, subvolumes, remove_cow=False)
     with open(newest, "rb") as backup_file:
         data = backup_file.read()
     fileops.write_file(
@@ -665,6 +702,14 @@ def _add_fsck(subparsers):
         action="store_true",
         help="with --repair, also remove *-cow.img* files of the 'file' "
         "driver (only once the pool no longer uses that driver)",
+    )
+    fsck.add_argument(
+        "--remove-subvolumes",
+        action="store_true",
+        help="also list (with --repair, remove) every btrfs subvolume this "
+        "driver keeps (snapshot bases, images of running snapshot "
+        "volumes): before switching the pool to the 'file' or the core's "
+        "file-reflink driver, which know none",
     )
     fsck.add_argument(
         "--force",

@@ -69,7 +69,9 @@ def set_step_hook(hook):
 
 
 @contextlib.contextmanager
-def _step(name, *paths):
+def step(name, *paths):
+    """Mark a mutating step for the hook of `set_step_hook` (also used by
+    the btrfs primitives)."""
     if _step_hook is not None:
         _step_hook(name, "before", paths)
     yield
@@ -83,7 +85,7 @@ def _open_existing(path, flags=os.O_RDONLY):
 
 def _create(path):
     """Create `path`, which must not exist yet, as an empty 0600 file."""
-    with _step("create", path):
+    with step("create", path):
         fd = os.open(
             path,
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -94,7 +96,7 @@ def _create(path):
 
 
 def _fsync(fd, path):
-    with _step("fsync", path):
+    with step("fsync", path):
         os.fsync(fd)
 
 
@@ -117,14 +119,14 @@ def fsync_file(path):
 
 
 def _truncate(fd, path, size):
-    with _step("truncate", path):
+    with step("truncate", path):
         os.ftruncate(fd, size)
 
 
 def _try_clone(src_fd, dst_fd, src, dst):
     """FICLONE `src` into `dst`; False if this pair of files can't do it."""
     try:
-        with _step("clone", src, dst):
+        with step("clone", src, dst):
             fcntl.ioctl(dst_fd, FICLONE, src_fd)
     except OSError as err:
         if err.errno in _NO_CLONE:
@@ -210,7 +212,7 @@ def _sparse_copy(src_fd, dst_fd, src, dst):
     """
     size = os.fstat(src_fd).st_size
     buffer = memoryview(bytearray(WRITE_BUFFER))
-    with _step("copy", src, dst):
+    with step("copy", src, dst):
         # size first: growing a file whose data is still in the page cache
         # makes XFS write all of it back, inside the truncate
         os.ftruncate(dst_fd, size)
@@ -254,20 +256,21 @@ def _fill(dst_fd, dst, src, size, expected=None):
 
 def _remove_quietly(path):
     with contextlib.suppress(FileNotFoundError):
-        with _step("unlink", path):
+        with step("unlink", path):
             os.unlink(path)
         log.info("removed %s", path)
 
 
-def make_copy(src, dst, size=None):
+def make_copy(src, dst, size=None, expected=None):
     """Create `dst` as a copy (reflink if possible) of `src`; not published.
 
-    For files that are garbage after a crash anyway (export snapshots):
-    no temporary name, no fsync.  Returns "clone" or "copy".
+    For files that are garbage after a crash anyway (export snapshots, the
+    image in a subvolume not yet snapshotted): no temporary name, no
+    fsync.  `expected`: see `_fill`.  Returns "clone" or "copy".
     """
     dst_fd = _create(dst)
     try:
-        return _fill(dst_fd, dst, src, size)
+        return _fill(dst_fd, dst, src, size, expected)
     except BaseException:
         _remove_quietly(dst)
         raise
@@ -336,7 +339,7 @@ def rename(src, dst):
     on btrfs").  So the old directory is fsynced too: once this returns,
     the old name is durably gone on every filesystem.
     """
-    with _step("rename", src, dst):
+    with step("rename", src, dst):
         os.rename(src, dst)
     log.info("renamed %s to %s", src, dst)
     _fsync_dirs(dst)
@@ -351,7 +354,7 @@ def link(src, dst, durable=True):
     next step is a durable `rename` in the same directory, whose directory
     fsync makes this link durable too (one fsync less on a start or stop).
     """
-    with _step("link", src, dst):
+    with step("link", src, dst):
         os.link(src, dst, follow_symlinks=False)
     log.info("linked %s to %s", src, dst)
     if durable:
@@ -369,7 +372,7 @@ def remove_files(paths, durable=True):
     removed = []
     for path in paths:
         try:
-            with _step("unlink", path):
+            with step("unlink", path):
                 os.unlink(path)
         except FileNotFoundError:
             continue
@@ -421,7 +424,7 @@ def _move_into_trash(path, trash_path):
     make_dirs(directory)
     dir_fd = os.open(directory, _DIRECTORY_NOFOLLOW)
     try:
-        with _step("rename", path, trash_path):
+        with step("rename", path, trash_path):
             os.rename(path, name, dst_dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
@@ -459,7 +462,7 @@ def make_dirs(path):
     made = []
     for directory in reversed(created):
         try:
-            with _step("mkdir", directory):
+            with step("mkdir", directory):
                 os.mkdir(directory, 0o755)
         except FileExistsError:
             if os.path.isdir(directory):  # made meanwhile by another volume
@@ -475,7 +478,7 @@ def remove_empty_dirs(paths):
     """Remove those of the directories `paths` that are empty, in order."""
     for directory in paths:
         try:
-            with _step("rmdir", directory):
+            with step("rmdir", directory):
                 os.rmdir(directory)
         except OSError as err:
             if err.errno in _NOT_REMOVABLE_DIR:
@@ -600,7 +603,7 @@ def set_image_mode(path):
     fd = _open_existing(path)
     try:
         old = os.fstat(fd).st_mode & 0o7777
-        with _step("chmod", path):
+        with step("chmod", path):
             os.fchmod(fd, _IMAGE_MODE)
         _fsync(fd, path)
     finally:

@@ -30,8 +30,11 @@ IMAGE_KINDS = (
     layout.REVISION,
     layout.SPARE,
     layout.BASE,
+    layout.RUNNING,
+    layout.SNAPBASE,
 )
 _ORDER = IMAGE_KINDS + (
+    layout.SNAPTEMP,
     layout.TEMP,
     layout.EXPORT,
     layout.IMPORT,
@@ -72,6 +75,7 @@ class Problem(NamedTuple):
 REMOVE = "remove"
 CHMOD = "chmod"
 REMOVE_COW = "remove-cow"
+REMOVE_SUBVOLUME = "remove-subvolume"
 
 
 def loop_backing_files(sys_block="/sys/block"):
@@ -143,6 +147,9 @@ def processes_named(name, proc="/proc"):
 def _list_files(pool_dir):
     """(vid prefix, path, lstat, layout entry) of each file of the VM dirs.
 
+    A subvolume of the layout (btrfs) counts as its image, ``image.img``
+    in it (or as the directory itself while it holds none).
+
     qubesd may be at work meanwhile (spares renamed into place, images
     discarded, a VM's directory removed): a name gone by the time it is
     looked at is left out, as if listed a moment later, and so is a
@@ -155,11 +162,22 @@ def _list_files(pool_dir):
                 stat_result = os.lstat(path)
             except layout.VANISHED:
                 continue
+            entry = layout.classify(name)
             if stat.S_ISDIR(stat_result.st_mode):
-                continue
-            yield f"{prefix}/{vm_name}", path, stat_result, layout.classify(
-                name
-            )
+                if entry is None or entry.kind not in layout.SUBVOLUME_KINDS:
+                    continue
+                path, stat_result = _subvolume_image(path, stat_result)
+            yield f"{prefix}/{vm_name}", path, stat_result, entry
+
+
+def _subvolume_image(path, dir_stat):
+    """The image in the subvolume `path` and its lstat, or the directory
+    itself when it holds none."""
+    image = os.path.join(path, layout.SUBVOLUME_IMAGE)
+    try:
+        return image, os.lstat(image)
+    except layout.VANISHED:
+        return path, dir_stat
 
 
 def scan_pool(pool_dir, attached=None):
@@ -184,7 +202,7 @@ def scan_pool(pool_dir, attached=None):
     running = {
         f"{vm_dir}/{entry.volume}"
         for vm_dir, _, _, entry in found
-        if entry and entry.kind == layout.DIRTY
+        if entry and entry.kind in (layout.DIRTY, layout.RUNNING)
     }
     volumes, unknown = {}, []
     for vm_dir, path, st, entry in found:
@@ -212,7 +230,9 @@ def _state(entry, vid, spare_keys, running):
     kind = entry.kind
     if kind in (layout.COMMITTED, layout.REVISION, layout.DIRTY):
         return LIVE
-    if kind == layout.SPARE:
+    if kind == layout.RUNNING:
+        return LIVE
+    if kind in (layout.SPARE, layout.SNAPBASE):
         return LIVE if spare_keys.get(vid) == entry.detail else STALE
     if kind == layout.BASE:
         return LIVE if vid in running else STALE
@@ -252,7 +272,7 @@ def _image(info):
 def volume_status(files):
     """What status shows of one volume, as plain data (JSON-ready)."""
     committed = _of_kind(files, layout.COMMITTED)
-    dirty = _of_kind(files, layout.DIRTY)
+    dirty = _of_kind(files, layout.DIRTY) + _of_kind(files, layout.RUNNING)
     revisions = []
     for info in _of_kind(files, layout.REVISION):
         entry = _image(info)
@@ -270,7 +290,8 @@ def volume_status(files):
             "allocated": info.stat.st_blocks * 512,
         }
         for info in files
-        if info.kind not in (layout.COMMITTED, layout.DIRTY, layout.REVISION)
+        if info.kind
+        not in (layout.COMMITTED, layout.DIRTY, layout.RUNNING, layout.REVISION)
     ]
     return {
         "vid": files[0].vid,
@@ -288,6 +309,7 @@ _GARBAGE = {
     layout.EXPORT: "export snapshot left behind",
     layout.IMPORT: "unfinished import",
     layout.CORE_LEFTOVER: "leftover of the core file-reflink driver",
+    layout.SNAPTEMP: "unfinished snapshot base (btrfs subvolume)",
 }
 
 
@@ -340,13 +362,16 @@ def _garbage_problem(info):
         what = _GARBAGE[info.kind]
         if info.kind == layout.CORE_LEFTOVER:
             what = f"{info.detail} {what}"
-        return Problem(info.path, info.kind, what, REMOVE)
-    if info.kind in (layout.SPARE, layout.BASE) and info.state == STALE:
+        return Problem(_removable(info), info.kind, what, REMOVE)
+    stale_kinds = (layout.SPARE, layout.BASE, layout.SNAPBASE)
+    if info.kind in stale_kinds and info.state == STALE:
         what = {
             layout.SPARE: "spare of no current committed image of its volume",
             layout.BASE: "base link of a volume that is not running",
+            layout.SNAPBASE: "snapshot base (btrfs subvolume) of no current "
+            "committed image of its volume",
         }[info.kind]
-        return Problem(info.path, f"stale-{info.kind}", what, REMOVE)
+        return Problem(_removable(info), f"stale-{info.kind}", what, REMOVE)
     if info.kind == layout.COW:
         return Problem(
             info.path,
@@ -368,6 +393,51 @@ def _image_problem(info):
             info.path, "mode", f"mode {mode:04o}, images should be 0600", CHMOD
         )
     return None
+
+
+def subvolume_removals(scan):
+    """What switching the pool to the file or core file-reflink driver
+    removes first: every subvolume of the layout not in use (those drivers
+    know none, and would fail on them when removing a VM), and the base
+    link of a running image so removed."""
+    removals = []
+    for files in scan.volumes.values():
+        gone = [
+            info
+            for info in files
+            if info.kind in layout.SUBVOLUME_KINDS and info.state != IN_USE
+        ]
+        if any(info.kind == layout.RUNNING for info in gone):
+            gone += _of_kind(files, layout.BASE)
+        removals += [
+            Problem(
+                _removable(info),
+                info.kind,
+                (
+                    "btrfs subvolume of this driver, unknown to other drivers"
+                    if info.kind != layout.BASE
+                    else "base link of the running image removed with it"
+                ),
+                REMOVE_SUBVOLUME,
+            )
+            for info in gone
+        ]
+    return removals
+
+
+def subvolume_of(info):
+    """The subvolume to destroy to remove `info` (a subvolume kind), which
+    names its image or the subvolume itself."""
+    if stat.S_ISDIR(info.stat.st_mode):
+        return info.path
+    return os.path.dirname(info.path)
+
+
+def _removable(info):
+    """What a removal of `info` removes: a file, or its subvolume."""
+    if info.kind in layout.SUBVOLUME_KINDS:
+        return subvolume_of(info)
+    return info.path
 
 
 def disk_usage(scan, vids=None, progress=None):

@@ -10,9 +10,13 @@ of the file-reflink driver that ships with Qubes::
 
 where vid is ``appvms/<vm>/<volume>`` or ``vm-templates/<vm>/<volume>``.
 Every other file the driver makes is ``<vid>.img~<kind>.<token>`` (or
-``<vid>.img~base``): the ``~`` can appear in no volume or VM name, so these
-names can never be taken for an image or a revision, and they still match
-the ``*.img*`` patterns that keep loop devices private to dom0.  Beside the
+``<vid>.img~base``, ``<vid>.img~running``): the ``~`` can appear in no
+volume or VM name, so these names can never be taken for an image or a
+revision, and they still match the ``*.img*`` patterns that keep loop
+devices private to dom0.  On btrfs, three of them are subvolumes (see
+`subvolumes`): ``~snapbase.<key>`` (read-only, the committed image of one
+version, to snapshot from), ``~snaptmp.<token>`` (one being filled) and
+``~running`` (a snapshot volume's running image, ``image.img`` in it).  Beside the
 VM directories the pool holds only throwaway probe files (`probe_path`) and
 the trash of discarded images (`trash_path`).
 """
@@ -48,6 +52,13 @@ SPARE = "spare"
 BASE = "base"
 COW = "cow"
 CORE_LEFTOVER = "core-leftover"
+SNAPBASE = "snapbase"
+SNAPTEMP = "snaptmp"
+RUNNING = "running"
+#: Kinds that are btrfs subvolumes (directories), not files.
+SUBVOLUME_KINDS = (SNAPBASE, SNAPTEMP, RUNNING)
+#: The image file inside a subvolume of the layout.
+SUBVOLUME_IMAGE = "image.img"
 
 _PATTERNS = (
     (DIRTY, re.compile(rf"(?P<vol>{_VOLUME_NAME})-dirty\.img\Z")),
@@ -70,10 +81,12 @@ _PATTERNS = (
         "internal",
         re.compile(
             rf"(?P<vol>{_VOLUME_NAME})\.img~"
-            rf"(?P<kind>tmp|export|import|spare)\.(?P<detail>{_TOKEN})\Z"
+            rf"(?P<kind>tmp|export|import|spare|snapbase|snaptmp)"
+            rf"\.(?P<detail>{_TOKEN})\Z"
         ),
     ),
     (BASE, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img~base\Z")),
+    (RUNNING, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img~running\Z")),
 )
 
 
@@ -301,6 +314,9 @@ class Listing(NamedTuple):
     base: bool
     revisions: list  # of Revision, oldest first
     spares: dict  # spare key -> path
+    snapbases: dict  # committed version key -> subvolume path
+    snaptemps: list  # subvolumes being filled
+    running: bool  # a running image in a subvolume
     temps: list
     exports: list
     imports: list
@@ -321,6 +337,10 @@ class VolumeFiles:
         self.dirty = stem + "-dirty.img"
         #: Hard link to the source image a running snapshot was taken from.
         self.base = self.committed + "~" + BASE
+        #: Subvolume holding a snapshot volume's running image (btrfs).
+        self.running = self.committed + "~" + RUNNING
+        #: The running image inside it.
+        self.running_image = os.path.join(self.running, SUBVOLUME_IMAGE)
 
     def revision(self, number, timestamp):
         """Path of numbered revision `number` taken at `timestamp`."""
@@ -345,6 +365,14 @@ class VolumeFiles:
         """Name of the prepared copy of the committed image `key` names."""
         return self._internal(SPARE, key)
 
+    def snapbase(self, key):
+        """Subvolume holding committed version `key`, to snapshot from."""
+        return self._internal(SNAPBASE, key)
+
+    def snaptemp(self):
+        """A fresh name for a subvolume being filled to become a snapbase."""
+        return self._internal(SNAPTEMP)
+
     def owns(self, path):
         """True if `path` is one of this volume's internal files."""
         entry = classify(os.path.basename(path))
@@ -362,6 +390,9 @@ class VolumeFiles:
             BASE: False,
             REVISION: [],
             SPARE: {},
+            SNAPBASE: {},
+            SNAPTEMP: [],
+            RUNNING: False,
             TEMP: [],
             EXPORT: [],
             IMPORT: [],
@@ -374,13 +405,13 @@ class VolumeFiles:
             if entry is None or entry.volume != self.volume:
                 continue
             path = os.path.join(self.directory, name)
-            if entry.kind in (COMMITTED, DIRTY, BASE):
+            if entry.kind in (COMMITTED, DIRTY, BASE, RUNNING):
                 found[entry.kind] = True
             elif entry.kind == REVISION:
                 found[REVISION].append(_revision(entry.detail, name, path))
-            elif entry.kind == SPARE:
-                found[SPARE][entry.detail] = path
-            elif entry.kind in (TEMP, EXPORT, IMPORT):
+            elif entry.kind in (SPARE, SNAPBASE):
+                found[entry.kind][entry.detail] = path
+            elif entry.kind in (TEMP, EXPORT, IMPORT, SNAPTEMP):
                 found[entry.kind].append(path)
         # revisions named the older way predate the numbered ones; numbers
         # give the order of retirement, as the core's driver orders them
@@ -393,6 +424,9 @@ class VolumeFiles:
             base=found[BASE],
             revisions=found[REVISION],
             spares=found[SPARE],
+            snapbases=found[SNAPBASE],
+            snaptemps=found[SNAPTEMP],
+            running=found[RUNNING],
             temps=found[TEMP],
             exports=found[EXPORT],
             imports=found[IMPORT],

@@ -8,6 +8,7 @@ import os
 from . import fileops, layout, options
 from .errors import storage_error
 from .host import Pool, StoragePoolException
+from .subvolumes import SubvolumeSnapshots
 from .trash import Trash
 from .volume import LiveState, ReflinkVolume
 
@@ -66,6 +67,8 @@ class ReflinkPool(Pool):
         self._live = {}
         #: where stops put the images they discard, emptied in the background
         self.trash = Trash(self)
+        #: how snapshot volumes start on btrfs (falls back to clones)
+        self.subvolumes = SubvolumeSnapshots(name)
         #: set by `close`: no background work is started any more
         self.closed = False
 

@@ -27,7 +27,7 @@ import logging
 import os
 import stat
 
-from . import fileops, layout, options
+from . import btrfs, fileops, layout, options
 from .errors import storage_error
 from .host import BlockDevice, StoragePoolException, Volume, isodate
 
@@ -46,6 +46,8 @@ class LiveState:
         self.import_path = None
         self.background = None
         self.spare_wanted = False
+        #: snapshot volumes start from this one: keep a snapbase of it
+        self.snapbase_wanted = False
 
 
 def _locked(method):
@@ -96,13 +98,17 @@ class ReflinkVolume(Volume):
 
     @property
     def path(self):
-        """The image Xen attaches while the VM runs."""
-        return self._files.dirty
+        """The image Xen attaches while the VM runs: in a subvolume when
+        the start snapshotted one (`subvolumes`), else beside the others."""
+        files = self._files
+        if btrfs.is_subvolume(files.running):
+            return files.running_image
+        return files.dirty
 
     def block_device(self):
         """The running image, for the host to attach through a loop device."""
         return BlockDevice(
-            self._files.dirty, self.name, None, self.rw, self.domain, "disk"
+            self.path, self.name, None, self.rw, self.domain, "disk"
         )
 
     def is_dirty(self):
@@ -142,7 +148,7 @@ class ReflinkVolume(Volume):
         return 0
 
     def _image_paths(self):
-        paths = [self._files.dirty]
+        paths = [self.path]
         if self.save_on_stop:
             paths.append(self._files.committed)
         elif self.snap_on_start:
@@ -227,6 +233,10 @@ class ReflinkVolume(Volume):
         stat_result = fileops.stat_or_none(source)
         if stat_result is None or self.snapshots_disabled:
             return
+        # many snapshot volumes may start at once: their snapbase first
+        self.pool.subvolumes.prepare(
+            self._files, stat_result, self._live.snapbase_wanted
+        )
         key = layout.spare_key(stat_result)
         spares = self._files.scan().spares
         self.pool.trash.discard(p for k, p in spares.items() if k != key)
@@ -263,7 +273,7 @@ class ReflinkVolume(Volume):
         stale = list(listing.temps)
         stale += [p for p in listing.exports if p not in self._live.exports]
         stale += [p for p in listing.imports if p != self._live.import_path]
-        if listing.base and not listing.dirty:
+        if listing.base and not (listing.dirty or listing.running):
             stale.append(self._files.base)
         # a snapshot volume keeps no spare: any is left by an older version
         committed = None if self.snap_on_start else self._files.committed
@@ -274,6 +284,8 @@ class ReflinkVolume(Volume):
             for key, path in listing.spares.items()
             if key != fresh or _linked_elsewhere(path)
         ]
+        if listing.snapbases or listing.snaptemps:
+            self.pool.subvolumes.remove_stale(self._files, fresh)
         # a stale spare may have many extents: its deletion is background
         self.pool.trash.discard(stale)
 
@@ -348,6 +360,7 @@ class ReflinkVolume(Volume):
         size = options.parse_size(self._size)
         await self._run("Creating", self._create, size)
         if self.snap_on_start:
+            self._want_snapbase()
             self._prepare_spare_later()
         return self
 
@@ -380,6 +393,7 @@ class ReflinkVolume(Volume):
         files = self._files
         listing = files.scan()
         self._remove_stale(listing)
+        self.pool.subvolumes.remove_all(files)
         self.pool.trash.discard(
             [files.dirty, files.base]
             + list(listing.spares.values())
@@ -427,8 +441,16 @@ class ReflinkVolume(Volume):
         """
         await self._run("Starting", self._start)
         if self.snap_on_start:
+            self._want_snapbase()
             self._prepare_spare_later()
         return self
+
+    def _want_snapbase(self):
+        """Tell the source that this snapshot volume starts from it, so
+        that it keeps a snapbase of each of its versions."""
+        if not self.save_on_stop:
+            # pylint: disable-next=protected-access
+            self.source._live.snapbase_wanted = True
 
     def _start(self):
         self._remove_stale(self._files.scan())
@@ -467,6 +489,7 @@ class ReflinkVolume(Volume):
         another start took it first, the start makes one clone.
         """
         files, source = self._files, self._start_files()
+        self.pool.subvolumes.stop(files)  # left by a crash
         if os.path.exists(files.dirty):
             if self.save_on_stop:
                 _check_own_image(files.dirty)
@@ -480,6 +503,11 @@ class ReflinkVolume(Volume):
         # copy) to the running image below, in the same directory
         fileops.link(source.committed, files.base, durable=False)
         key = layout.spare_key(os.stat(files.base))
+        # the snapshot's transaction commit makes the link durable too
+        if not self.save_on_stop and self.pool.subvolumes.start(
+            files, source, key
+        ):
+            return
         if not self._take_spare(source, key):
             fileops.publish_copy(files.base, files.dirty, files.temp())
 
@@ -506,6 +534,11 @@ class ReflinkVolume(Volume):
     def _stop(self):
         files = self._files
         self._remove_stale(files.scan())
+        if not self.save_on_stop:
+            self.pool.subvolumes.stop(files)
+            if not os.path.exists(files.dirty):
+                self.pool.trash.discard([files.base])
+                return False
         if not os.path.exists(files.dirty):
             return False
         if not self.save_on_stop:
@@ -668,11 +701,11 @@ class ReflinkVolume(Volume):
         return self
 
     def _resize(self, size):
-        files = self._files
-        if os.path.exists(files.dirty):
-            _check_own_image(files.dirty)
-            fileops.grow(files.dirty, size)
-            fileops.refresh_loop_devices(files.dirty)
+        files, running = self._files, self.path
+        if os.path.exists(running):
+            _check_own_image(running)
+            fileops.grow(running, size)
+            fileops.refresh_loop_devices(running)
             return False
         if self.save_on_stop and os.path.exists(files.committed):
             # committed data is never changed in place: grow a copy

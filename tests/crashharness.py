@@ -51,7 +51,13 @@ MIB = 1024**2
 SIZE = MIB
 BIG = 2 * MIB
 BLOCK = 4096
-LEFTOVER_MARKS = ("~tmp.", "~import.", "~export.", ".qubes-reflink-probe")
+LEFTOVER_MARKS = (
+    "~tmp.",
+    "~import.",
+    "~export.",
+    "~snaptmp.",
+    ".qubes-reflink-probe",
+)
 
 
 class FakeVM:
@@ -222,6 +228,7 @@ class World:
 
     async def run(self, key, label):
         """Start volume `key`, write version `label`, stop it."""
+        await self.wait_background()
         vol = self.vols[key]
         await vol.start()
         write_label(vol.path, label)
@@ -229,7 +236,10 @@ class World:
         await self.wait_background()
 
     async def start_write(self, key, label):
-        """Start volume `key` and write version `label` into it."""
+        """Start volume `key` and write version `label` into it (after the
+        background work: whether a spare or snapbase is ready must not
+        depend on timing, or the crash points would differ between runs)."""
+        await self.wait_background()
         vol = self.vols[key]
         await vol.start()
         write_label(vol.path, label)
@@ -534,34 +544,27 @@ _simple(
 )
 
 
-# a DispVM: its three volumes started and stopped together, as qubesd does
+# a DispVM: its root and volatile as an AppVM's; its private a snapshot of
+# its AppVM's private, whose start and stop are the operations (all three
+# together would make the crash points differ from run to run)
 async def _build_dispvm(world, state):
     await build_app(world, state)
     for vol in DISP:
         await world.vols[vol.key].create()
 
 
-def _all(verb, vols):
-    async def op(world, _state):
-        await asyncio.gather(
-            *(getattr(world.vols[v.key], verb)() for v in vols)
-        )
-
-    return op
-
-
 async def _build_running_dispvm(world, state):
     await _build_dispvm(world, state)
-    await _all("start", DISP)(world, state)
     for vol in DISP:
-        write_label(world.vols[vol.key].path, "S")
+        await world.start_write(vol.key, "S")
+    await world.wait_background()
 
 
 _simple(
     "start_dispvm",
     [TPL_ROOT, APP_PRIVATE] + DISP,
     _build_dispvm,
-    _all("start", DISP),
+    _start("disp1/private"),
     target="disp1/private",
     after={"tpl/root": D("A"), "app/private": D("P2")},
 )
@@ -569,7 +572,7 @@ _simple(
     "stop_dispvm",
     [TPL_ROOT, APP_PRIVATE] + DISP,
     _build_running_dispvm,
-    _all("stop", DISP),
+    _stop("disp1/private"),
     target="disp1/private",
     after={"tpl/root": D("A"), "app/private": D("P2")},
 )
@@ -887,15 +890,15 @@ def check_files(world, errors, where, extra_revisions=1):
     for pool in world.pools.values():
         for path in layout.trash_entries(pool.root):
             errors.append(f"{where}: trash not emptied: {path}")
-        for root, _dirs, names in os.walk(pool.root):
-            for name in names:
+        for root, dirs, names in os.walk(pool.root):
+            for name in names + dirs:  # a subvolume left is a directory
                 path = os.path.join(root, name)
                 if any(mark in name for mark in LEFTOVER_MARKS):
                     errors.append(f"{where}: leftover {path}")
     for spec in world.specs:
         vol, files = world.vols[spec.key], world.files(spec.key)
         listing = files.scan()
-        if listing.dirty or vol.is_dirty():
+        if listing.dirty or listing.running or vol.is_dirty():
             errors.append(f"{where}: {spec.key} still dirty")
         if listing.base:
             errors.append(f"{where}: {spec.key} has a stale ~base")
@@ -906,6 +909,10 @@ def check_files(world, errors, where, extra_revisions=1):
         for key, path in listing.spares.items():
             if key != fresh:
                 errors.append(f"{where}: stale spare {path}")
+        own = fileops.stat_or_none(files.committed)
+        for key, path in listing.snapbases.items():
+            if own is None or key != layout.spare_key(own):
+                errors.append(f"{where}: stale snapbase {path}")
         ids = [rev.id for rev in listing.revisions]
         if list(vol.revisions) != ids:
             errors.append(

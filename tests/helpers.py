@@ -123,7 +123,11 @@ def committed(volume):
 
 
 def dirty(volume):
-    """The running image's path, spelled out independently of layout."""
+    """The running image's path, spelled out independently of layout: in
+    its subvolume when the start snapshotted one (btrfs)."""
+    running = os.path.join(volume.pool.root, volume.vid + ".img~running")
+    if os.path.isdir(running):
+        return os.path.join(running, "image.img")
     return os.path.join(volume.pool.root, volume.vid + "-dirty.img")
 
 

@@ -215,7 +215,18 @@ async def test_du_agrees_with_btrfs_filesystem_du(btrfs_dir, capsys):
         total, exclusive, _ = theirs[row["path"]]
         assert (row["allocated"], row["exclusive"]) == (total, exclusive), row
         assert row["apparent"] == os.stat(row["path"]).st_size
-    # the pool's figures against btrfs-progs' on a directory of just them
+    # the figures of the volumes beside the pool's own files (not in a
+    # subvolume, which a hard link can't leave) against btrfs-progs' on a
+    # directory of just them
+    pool_dev = os.stat(root).st_dev
+    vids = [
+        volume["vid"]
+        for volume in report["volumes"]
+        if all(os.stat(f["path"]).st_dev == pool_dev for f in volume["files"])
+    ]
+    assert len(vids) < len(report["volumes"])  # the running root is apart
+    code, report = run_json(capsys, "du", root, *vids)
+    rows = [row for volume in report["volumes"] for row in volume["files"]]
     linked = os.path.join(btrfs_dir, "all")
     os.mkdir(linked)
     seen = set()

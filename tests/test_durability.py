@@ -168,7 +168,13 @@ class DurabilityChecker:
         self.synced = set()  # paths whose data was fsynced since written
         self.needs = []  # (directory, why): a directory fsync owed
         self.violations = []
-        self.checked = {"publish": 0, "link": 0, "removal": 0, "marks": 0}
+        self.checked = {
+            "publish": 0,
+            "link": 0,
+            "removal": 0,
+            "marks": 0,
+            "snapshot": 0,
+        }
 
     def run(self, calls):
         """Check every call; returns the violations."""
@@ -201,9 +207,14 @@ class DurabilityChecker:
     on_fdatasync = on_fsync
 
     def on_ioctl(self, args, _strings, _result):
-        """A clone into an fd changes that file's data."""
+        """A clone into an fd changes that file's data; a btrfs snapshot
+        is made in a transaction commit, which makes every change to the
+        filesystem durable."""
         if "FICLONE" in args or "BTRFS_IOC_CLONE" in args:
             self.synced.discard(self.fds.get(int(args.split(",")[0])))
+        if "BTRFS_IOC_SNAP_CREATE" in args:
+            self.checked["snapshot"] += 1
+            self.needs = []
 
     def on_rename(self, _args, strings, _result):
         """A publishing rename needs synced data and synced directories."""
@@ -308,6 +319,7 @@ def test_publishing_and_removals_are_durable_in_order(
     assert checker.checked["link"] >= 5, checker.checked
     assert checker.checked["removal"] >= 10, checker.checked
     assert checker.checked["marks"] >= 80, checker.checked
+    assert checker.checked["snapshot"] >= 1, checker.checked  # btrfs starts
 
 
 def _fake_trace(*calls):

@@ -184,11 +184,19 @@ async def snapshot_of_template(pool, vm_name="work"):
     return template_root, appvm_root
 
 
+async def clone_starts_pool(directory):
+    """A pool whose snapshot volumes start from clones, as on XFS (or on a
+    btrfs refusing subvolume ioctls): the mechanism these tests are about."""
+    pool = await new_pool(directory)
+    pool.subvolumes.disable("test of the clone mechanism")
+    return pool
+
+
 async def test_snapshot_start_takes_source_spare(reflink_dir):
     """An AppVM's (or a new disposable VM's) root starts by renaming the
     template's spare into its own directory; the template makes its next
     spare in the background: one clone."""
-    pool = await new_pool(reflink_dir)
+    pool = await clone_starts_pool(reflink_dir)
     template_root, appvm_root = await snapshot_of_template(pool)
     template_dir = os.path.dirname(template_root.path)
     (spare,) = spares_of(template_dir, "root")
@@ -205,7 +213,7 @@ async def test_snapshot_start_takes_source_spare(reflink_dir):
 async def test_snapshot_start_again_takes_source_spare(reflink_dir):
     """A stopped snapshot volume keeps no spare of its own: its next start
     takes the template's again."""
-    pool = await new_pool(reflink_dir)
+    pool = await clone_starts_pool(reflink_dir)
     template_root, appvm_root = await snapshot_of_template(pool)
     await appvm_root.start()
     write_image(appvm_root.path, b"scratch")
@@ -222,7 +230,7 @@ async def test_stopped_appvms_hold_no_spares(reflink_dir):
     """However many AppVMs of a template stop, the pool holds one spare of
     the template's root and none in the AppVMs' directories: no reflink
     per stopped AppVM slows the template's clones and deletions."""
-    pool = await new_pool(reflink_dir)
+    pool = await clone_starts_pool(reflink_dir)
     template_root = await stopped_origin(
         pool, FakeVM("tpl", "vm-templates"), name="root"
     )
@@ -241,8 +249,10 @@ async def test_concurrent_snapshot_starts_rename_once_clone_once(
     reflink_dir,
 ):
     """Two AppVMs of one template starting at once: one takes the spare,
-    the other (finding it taken) makes one clone; both see the data."""
-    pool = await new_pool(reflink_dir)
+    the other (finding it taken) makes one clone, or, when it comes after
+    the template's next spare (a loaded machine), takes that one; both
+    see the data."""
+    pool = await clone_starts_pool(reflink_dir)
     template_root, first = await snapshot_of_template(pool, "first")
     second = snapshot(pool, FakeVM("second"), template_root)
     await second.create()
@@ -252,14 +262,14 @@ async def test_concurrent_snapshot_starts_rename_once_clone_once(
         await asyncio.gather(first.start(), second.start())
     seen = steps.snapshot()
     renamed = spare_renames(seen, first.path) + spare_renames(seen, second.path)
-    assert len(renamed) == 1
     appvm_dirs = {os.path.dirname(root.path) for root in (first, second)}
     copies_for_appvms = [
         paths
         for step, paths in seen
         if step in COPIES and os.path.dirname(paths[-1]) in appvm_dirs
     ]
-    assert len(copies_for_appvms) == 1  # the template's own spare aside
+    # the template's own spare aside
+    assert len(renamed) >= 1 and len(renamed) + len(copies_for_appvms) == 2
     inodes = {os.stat(root.path).st_ino for root in (first, second)}
     assert spare_inode in inodes and len(inodes) == 2
     for root in (first, second):
@@ -272,7 +282,7 @@ async def test_legacy_spare_of_snapshot_volume_is_discarded(reflink_dir):
     """A spare that an older version left in an AppVM's directory is
     discarded (through the trash) at its next start or stop, and the start
     takes the template's spare."""
-    pool = await new_pool(reflink_dir)
+    pool = await clone_starts_pool(reflink_dir)
     template_root, appvm_root = await snapshot_of_template(pool)
     (spare,) = spares_of(os.path.dirname(template_root.path), "root")
     appvm_dir = os.path.dirname(appvm_root.path)
@@ -365,7 +375,7 @@ async def test_stale_snapshot_spare_after_template_update(reflink_dir):
     The template is running when the AppVM starts, so it has no spare to
     lend: the start must clone the template's new committed image.
     """
-    pool = await new_pool(reflink_dir)
+    pool = await clone_starts_pool(reflink_dir)
     template_root = await stopped_origin(
         pool, FakeVM("tpl", "vm-templates"), name="root"
     )

@@ -245,7 +245,9 @@ def test_volume_scan_of_a_vanishing_directory(hand_pool, monkeypatch, how):
     vanish = Vanish(monkeypatch, "listdir", files.directory, how)
     listing = files.scan()
     assert vanish.fired
-    assert listing == layout.Listing(False, False, False, [], {}, [], [], [])
+    assert listing == layout.Listing(
+        False, False, False, [], {}, {}, [], False, [], [], []
+    )
 
 
 # -- inspect: scan_pool ---------------------------------------------------

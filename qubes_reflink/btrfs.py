@@ -1,0 +1,127 @@
+"""btrfs subvolume primitives: create, snapshot, destroy, through ioctls.
+
+The second mechanism beside reflinks (`fileops`): a snapshot of a
+subvolume costs the same whatever its files' size or fragmentation, where
+a reflink clone walks every extent.  Called with `fcntl.ioctl` (no
+subprocess, no btrfs-progs in dom0's way); each step is logged and goes
+through the crash tests' step hook like every other change to files.
+
+A snapshot is made in a transaction commit: once the ioctl returns, the
+new subvolume and everything its source held is durable.  A destroyed
+subvolume's extents are freed later by the filesystem's cleaner.
+"""
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+
+from .fileops import step
+
+log = logging.getLogger("qubes.storage.reflink")
+
+
+def _iow(number, size):
+    """The Linux _IOW ioctl request for btrfs (magic 0x94)."""
+    return (1 << 30) | (size << 16) | (0x94 << 8) | number
+
+
+# struct btrfs_ioctl_vol_args: __s64 fd; char name[4088]
+_VOL_ARGS = struct.Struct("=q4088s")
+# struct btrfs_ioctl_vol_args_v2: __s64 fd; __u64 transid, flags;
+# __u64 unused[4]; char name[4040]
+_VOL_ARGS_V2 = struct.Struct("=qQQ32x4040s")
+_SUBVOL_CREATE = _iow(14, _VOL_ARGS.size)
+_SNAP_DESTROY = _iow(15, _VOL_ARGS.size)
+_SNAP_CREATE_V2 = _iow(23, _VOL_ARGS_V2.size)
+_SNAP_DESTROY_V2 = _iow(63, _VOL_ARGS_V2.size)
+_SUBVOL_RDONLY = 1 << 1
+#: The inode number of every subvolume's top directory.
+_SUBVOL_INODE = 256
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: errno values that say "no subvolumes here", not "this one failed": not
+#: btrfs (ENOTTY), no permission, an ioctl the kernel does not know.
+UNSUPPORTED = frozenset(
+    {
+        errno.ENOTTY,
+        errno.EPERM,
+        errno.EACCES,
+        errno.EOPNOTSUPP,
+        errno.EINVAL,
+        errno.EXDEV,
+    }
+)
+
+
+def _ioctl(fd, request, args):
+    # a mutable buffer: fcntl copies at most 1024 bytes of an immutable one
+    fcntl.ioctl(fd, request, bytearray(args))
+
+
+@contextlib.contextmanager
+def _dir_fd(path):
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _name(path):
+    name = os.path.basename(path)
+    return name.encode("utf-8", "surrogateescape")
+
+
+def is_subvolume(path):
+    """Whether `path` is the top directory of a btrfs subvolume (never
+    following a symbolic link)."""
+    try:
+        stat_result = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (
+        stat.S_ISDIR(stat_result.st_mode)
+        and stat_result.st_ino == _SUBVOL_INODE
+    )
+
+
+def create(path):
+    """A new empty subvolume at `path`."""
+    with step("subvolume-create", path), _dir_fd(os.path.dirname(path)) as fd:
+        _ioctl(fd, _SUBVOL_CREATE, _VOL_ARGS.pack(-1, _name(path)))
+    log.info("created subvolume %s", path)
+
+
+def snapshot(src, dst, read_only=False):
+    """Snapshot the subvolume `src` as `dst` (durable on return)."""
+    flags = _SUBVOL_RDONLY if read_only else 0
+    with step("subvolume-snapshot", src, dst), _dir_fd(src) as src_fd:
+        with _dir_fd(os.path.dirname(dst)) as parent_fd:
+            args = _VOL_ARGS_V2.pack(src_fd, 0, flags, _name(dst))
+            _ioctl(parent_fd, _SNAP_CREATE_V2, args)
+    log.info("snapshot of subvolume %s made as %s", src, dst)
+
+
+def destroy(path):
+    """Delete the subvolume `path` with what it holds; missing is fine.
+
+    The v2 ioctl first; kernels before 5.7 (EINVAL, ENOTTY) get the old
+    one.  A directory that is no subvolume is refused (EINVAL).
+    """
+    if not os.path.lexists(path):
+        return
+    if not is_subvolume(path):
+        raise OSError(errno.EINVAL, "not a btrfs subvolume", path)
+    with step("subvolume-destroy", path), _dir_fd(os.path.dirname(path)) as fd:
+        try:
+            args = _VOL_ARGS_V2.pack(0, 0, 0, _name(path))
+            _ioctl(fd, _SNAP_DESTROY_V2, args)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOTTY):
+                raise
+            _ioctl(fd, _SNAP_DESTROY, _VOL_ARGS.pack(0, _name(path)))
+    log.info("destroyed subvolume %s", path)
