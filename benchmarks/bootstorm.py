@@ -27,7 +27,10 @@ from helpers import FakeVM, new_pool, origin, snapshot
 
 from . import images
 from .images import MIB
-from .measure import floor_samples, median_ms, syncfs
+from qubes_reflink import layout
+
+from .measure import floor_files, floor_samples, median_ms, rename_durably
+from .measure import syncfs
 from .scenarios import committed_path, put_image, row
 from .spares import build_image
 
@@ -141,9 +144,31 @@ class BootStorm:  # pylint: disable=too-many-instance-attributes
         self.extents = images.extent_count(committed_path(self.template))
 
     async def _quiet(self):
-        start = time.perf_counter()
+        """Seconds until the background work is done, the trash's sweep
+        delay included: its timer fires on its own, as in qubesd."""
+        begin = time.perf_counter()
+        await self.pool.wait_spares()
+        while os.path.lexists(layout.trash_dir(self.pool.root)):
+            await asyncio.sleep(0.005)
         await self.pool.wait_background()
-        return time.perf_counter() - start
+        return time.perf_counter() - begin
+
+    async def _concurrent_floor(self, roots):
+        """Each latency of as many thread floors (rename + directory fsync
+        through asyncio.to_thread) at once as `roots`, one in each of their
+        directories: the floor under the same concurrency."""
+        pairs = [floor_files(os.path.dirname(r.path)) for r in roots]
+        latencies = []
+
+        async def one(src, dst):
+            begin = time.perf_counter()
+            await asyncio.to_thread(rename_durably, src, dst)
+            latencies.append(time.perf_counter() - begin)
+
+        await asyncio.gather(*(one(src, dst) for src, dst in pairs))
+        for _src, dst in pairs:
+            os.unlink(dst)
+        return latencies
 
     async def _start_together(self, roots):
         """(time until all started, each start's latency)."""
@@ -162,10 +187,12 @@ class BootStorm:  # pylint: disable=too-many-instance-attributes
         """`number` AppVMs started together, stopped together, quiet; rows
         (with the targets) when `judged` (the biggest storm)."""
         totals, latencies, stops, quiet, floors = [], [], [], [], []
+        together = []
         roots = self.roots[:number]
         for _ in range(self.reps):
             syncfs(self.pool.root)
             floors.append((await floor_samples(self.pool.root))[1])
+            together += await self._concurrent_floor(roots)
             total, each = await self._start_together(roots)
             totals.append(total)
             latencies += each
@@ -173,13 +200,14 @@ class BootStorm:  # pylint: disable=too-many-instance-attributes
             await asyncio.gather(*(root.stop() for root in roots))
             stops.append(time.perf_counter() - begin)
             quiet.append(await self._quiet())
-        floor = median_ms(floors)
+        floor, floor_together = median_ms(floors), median_ms(together)
         self.curve.append(
             {"vms": number, "total_ms": median_ms(totals), "floor_ms": floor}
         )
         self.log(
             f"{number} together: all started in {median_ms(totals):.0f} ms, "
-            f"each {median_ms(latencies):.1f} ms (floor {floor:.2f} ms); "
+            f"each {median_ms(latencies):.1f} ms (floor {floor:.2f} ms, "
+            f"{number} floors at once {floor_together:.2f} ms); "
             f"stops {median_ms(stops):.0f} ms, quiet after "
             f"{median_ms(quiet):.0f} ms"
         )
@@ -188,10 +216,13 @@ class BootStorm:  # pylint: disable=too-many-instance-attributes
         start_row = self._row(
             f"{number} AppVMs started together: each start",
             latencies,
-            thread_floor_ms=round(floor, 3),
+            thread_floor_ms=round(floor_together, 3),
+            thread_floor_alone_ms=round(floor, 3),
             all_started_ms=round(median_ms(totals), 1),
         )
-        start_row["x_floor"] = round(start_row["median_ms"] / floor, 2)
+        # against as many thread floors at once: both wait for the same
+        # worker threads and the same filesystem
+        start_row["x_floor"] = round(start_row["median_ms"] / floor_together, 2)
         quiet_row = self._row(
             f"background after {number} stops, until quiet", quiet
         )
@@ -204,8 +235,16 @@ class BootStorm:  # pylint: disable=too-many-instance-attributes
                 median_ms(totals) <= TOTAL_40_S * 1000
                 and start_row["x_floor"] <= START_VS_FLOOR
             )
+            start_row["got"] = (
+                f"all in {median_ms(totals):.0f} ms (<= {TOTAL_40_S * 1000:.0f}"
+                f"), each {start_row['x_floor']:.2f} x {number} thread floors "
+                f"at once (<= {START_VS_FLOOR})"
+            )
             quiet_row["target"] = f"median <= {QUIET_AFTER_STOPS_S} s"
             quiet_row["pass"] = median_ms(quiet) <= QUIET_AFTER_STOPS_S * 1000
+            quiet_row["got"] = (
+                f"{median_ms(quiet):.0f} ms (<= {QUIET_AFTER_STOPS_S * 1000:.0f})"
+            )
         self.rows += [start_row, quiet_row]
 
     async def stop_right_after_start(self):
@@ -227,9 +266,16 @@ class BootStorm:  # pylint: disable=too-many-instance-attributes
         if self.mechanism == "subvolume":
             result["target"] = f"median <= {STOP_AFTER_START_MS} ms"
             result["pass"] = result["median_ms"] <= STOP_AFTER_START_MS
+            result["got"] = (
+                f"{result['median_ms']:.1f} ms (<= {STOP_AFTER_START_MS:.0f})"
+            )
         elif self.fstype == "xfs":
             result["target"] = f"median <= {XFS_STOP_VS_FLOOR} x thread floor"
             result["pass"] = result["x_floor"] <= XFS_STOP_VS_FLOOR
+            result["got"] = (
+                f"{result['x_floor']:.2f} x thread floor "
+                f"(<= {XFS_STOP_VS_FLOOR:.0f})"
+            )
         self.rows.append(result)
         self.log(f"stop right after start {median_ms(stops):.1f} ms")
 

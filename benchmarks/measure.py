@@ -98,7 +98,7 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def _floor_files(directory):
+def floor_files(directory):
     """A small durable file to rename, and the name to rename it to."""
     src = os.path.join(directory, ".bench-floor-a")
     dst = os.path.join(directory, ".bench-floor-b")
@@ -113,7 +113,7 @@ def _floor_files(directory):
     return src, dst
 
 
-def _rename_durably(src, dst):
+def rename_durably(src, dst):
     os.rename(src, dst)
     _fsync_dir(os.path.dirname(dst))
 
@@ -124,9 +124,9 @@ def floor_sample(directory):
     The file renamed is a small, durable one (rename cost does not depend
     on the size or extents of the file).
     """
-    src, dst = _floor_files(directory)
+    src, dst = floor_files(directory)
     start = time.perf_counter()
-    _rename_durably(src, dst)
+    rename_durably(src, dst)
     elapsed = time.perf_counter() - start
     os.unlink(dst)
     return elapsed
@@ -135,9 +135,9 @@ def floor_sample(directory):
 async def thread_floor_sample(directory):
     """The floor as a non-blocking driver can reach it: the same rename +
     directory fsync, run by `asyncio.to_thread` from the event loop."""
-    src, dst = _floor_files(directory)
+    src, dst = floor_files(directory)
     start = time.perf_counter()
-    await asyncio.to_thread(_rename_durably, src, dst)
+    await asyncio.to_thread(rename_durably, src, dst)
     elapsed = time.perf_counter() - start
     os.unlink(dst)
     return elapsed

@@ -31,6 +31,7 @@ IMAGE_KINDS = (
     layout.SPARE,
     layout.BASE,
     layout.RUNNING,
+    layout.READY,
     layout.SNAPBASE,
 )
 _ORDER = IMAGE_KINDS + (
@@ -230,7 +231,9 @@ def _state(entry, vid, spare_keys, running):
     kind = entry.kind
     if kind in (layout.COMMITTED, layout.REVISION, layout.DIRTY):
         return LIVE
-    if kind == layout.RUNNING:
+    if kind in (layout.RUNNING, layout.READY):
+        # a ready snapshot is of its source's version, which only qubes.xml
+        # names: the driver replaces a stale one after the source's commit
         return LIVE
     if kind in (layout.SPARE, layout.SNAPBASE):
         return LIVE if spare_keys.get(vid) == entry.detail else STALE
@@ -367,7 +370,7 @@ def _garbage_problem(info):
     if info.kind in stale_kinds and info.state == STALE:
         what = {
             layout.SPARE: "spare of no current committed image of its volume",
-            layout.BASE: "base link of a volume that is not running",
+            layout.BASE: "base marker of a volume that is not running",
             layout.SNAPBASE: "snapshot base (btrfs subvolume) of no current "
             "committed image of its volume",
         }[info.kind]

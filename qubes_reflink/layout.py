@@ -10,13 +10,15 @@ of the file-reflink driver that ships with Qubes::
 
 where vid is ``appvms/<vm>/<volume>`` or ``vm-templates/<vm>/<volume>``.
 Every other file the driver makes is ``<vid>.img~<kind>.<token>`` (or
-``<vid>.img~base``, ``<vid>.img~running``): the ``~`` can appear in no
+``<vid>.img~running``; ``<vid>.img~base`` of older versions): the ``~`` can appear in no
 volume or VM name, so these names can never be taken for an image or a
 revision, and they still match the ``*.img*`` patterns that keep loop
 devices private to dom0.  On btrfs, three of them are subvolumes (see
 `subvolumes`): ``~snapbase.<key>`` (read-only, the committed image of one
-version, to snapshot from), ``~snaptmp.<token>`` (one being filled) and
-``~running`` (a snapshot volume's running image, ``image.img`` in it).  Beside the
+version, to snapshot from), ``~snaptmp.<token>`` (one being filled),
+``~ready.<key>`` (a snapshot volume's next running image, a snapshot of
+its source's snapbase made in the background) and ``~running`` (a
+snapshot volume's running image, ``image.img`` in it).  Beside the
 VM directories the pool holds only throwaway probe files (`probe_path`) and
 the trash of discarded images (`trash_path`).
 """
@@ -54,9 +56,10 @@ COW = "cow"
 CORE_LEFTOVER = "core-leftover"
 SNAPBASE = "snapbase"
 SNAPTEMP = "snaptmp"
+READY = "ready"
 RUNNING = "running"
 #: Kinds that are btrfs subvolumes (directories), not files.
-SUBVOLUME_KINDS = (SNAPBASE, SNAPTEMP, RUNNING)
+SUBVOLUME_KINDS = (SNAPBASE, SNAPTEMP, READY, RUNNING)
 #: The image file inside a subvolume of the layout.
 SUBVOLUME_IMAGE = "image.img"
 
@@ -81,11 +84,16 @@ _PATTERNS = (
         "internal",
         re.compile(
             rf"(?P<vol>{_VOLUME_NAME})\.img~"
-            rf"(?P<kind>tmp|export|import|spare|snapbase|snaptmp)"
+            rf"(?P<kind>tmp|export|import|spare|snapbase|snaptmp|ready)"
             rf"\.(?P<detail>{_TOKEN})\Z"
         ),
     ),
-    (BASE, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img~base\Z")),
+    (
+        BASE,
+        re.compile(
+            rf"(?P<vol>{_VOLUME_NAME})\.img~base(?:\.(?P<detail>{_TOKEN}))?\Z"
+        ),
+    ),
     (RUNNING, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img~running\Z")),
 )
 
@@ -311,10 +319,11 @@ class Listing(NamedTuple):
 
     committed: bool
     dirty: bool
-    base: bool
+    base: dict  # source version key ("": a hard link) -> path
     revisions: list  # of Revision, oldest first
     spares: dict  # spare key -> path
     snapbases: dict  # committed version key -> subvolume path
+    readies: dict  # source version key -> subvolume path
     snaptemps: list  # subvolumes being filled
     running: bool  # a running image in a subvolume
     temps: list
@@ -335,7 +344,8 @@ class VolumeFiles:
         self.committed = stem + ".img"
         #: The image attached to the running VM.
         self.dirty = stem + "-dirty.img"
-        #: Hard link to the source image a running snapshot was taken from.
+        #: Hard link to the source image a running snapshot was taken from,
+        #: as older versions of the driver made it (see `base_marker`).
         self.base = self.committed + "~" + BASE
         #: Subvolume holding a snapshot volume's running image (btrfs).
         self.running = self.committed + "~" + RUNNING
@@ -365,9 +375,21 @@ class VolumeFiles:
         """Name of the prepared copy of the committed image `key` names."""
         return self._internal(SPARE, key)
 
+    def base_marker(self, key):
+        """Empty file naming the source version `key` a running snapshot
+        was started from.  Not a hard link to it: a link or unlink of a
+        name of the source's image waits while that image is being cloned
+        (its spare), which made a stop right after a start wait too."""
+        return self._internal(BASE, key)
+
     def snapbase(self, key):
         """Subvolume holding committed version `key`, to snapshot from."""
         return self._internal(SNAPBASE, key)
+
+    def ready(self, key):
+        """Subvolume ready to become the running image of a snapshot
+        volume started from its source's version `key`."""
+        return self._internal(READY, key)
 
     def snaptemp(self):
         """A fresh name for a subvolume being filled to become a snapbase."""
@@ -387,10 +409,11 @@ class VolumeFiles:
         found = {
             COMMITTED: False,
             DIRTY: False,
-            BASE: False,
+            BASE: {},
             REVISION: [],
             SPARE: {},
             SNAPBASE: {},
+            READY: {},
             SNAPTEMP: [],
             RUNNING: False,
             TEMP: [],
@@ -405,11 +428,11 @@ class VolumeFiles:
             if entry is None or entry.volume != self.volume:
                 continue
             path = os.path.join(self.directory, name)
-            if entry.kind in (COMMITTED, DIRTY, BASE, RUNNING):
+            if entry.kind in (COMMITTED, DIRTY, RUNNING):
                 found[entry.kind] = True
             elif entry.kind == REVISION:
                 found[REVISION].append(_revision(entry.detail, name, path))
-            elif entry.kind in (SPARE, SNAPBASE):
+            elif entry.kind in (SPARE, SNAPBASE, READY, BASE):
                 found[entry.kind][entry.detail] = path
             elif entry.kind in (TEMP, EXPORT, IMPORT, SNAPTEMP):
                 found[entry.kind].append(path)
@@ -425,6 +448,7 @@ class VolumeFiles:
             revisions=found[REVISION],
             spares=found[SPARE],
             snapbases=found[SNAPBASE],
+            readies=found[READY],
             snaptemps=found[SNAPTEMP],
             running=found[RUNNING],
             temps=found[TEMP],

@@ -68,7 +68,7 @@ class ReflinkPool(Pool):
         #: where stops put the images they discard, emptied in the background
         self.trash = Trash(self)
         #: how snapshot volumes start on btrfs (falls back to clones)
-        self.subvolumes = SubvolumeSnapshots(name)
+        self.subvolumes = SubvolumeSnapshots(self)
         #: set by `close`: no background work is started any more
         self.closed = False
 

@@ -7,24 +7,29 @@ the clone: both walk every extent, and many starts at once queue on the
 source file.  On btrfs this mechanism instead keeps, per committed
 version of a source that has snapshot volumes, one read-only subvolume
 ``<source>.img~snapbase.<key>`` holding a reflink of that version as
-``image.img`` (made once per commit, in the background, like a spare);
-a start is one snapshot of it as ``<vid>.img~running`` in the volume's
-own directory, and a stop destroys that subvolume: O(1) in the image's
-size and in the number of VMs starting, the cleaner's later work
-proportional to what the VM changed.
+``image.img`` (made once per commit, in the background, like a spare).
+Each stopped snapshot volume keeps, also made in the background, a
+snapshot of it, ``<vid>.img~ready.<key>``, in its own directory: a start
+renames that to ``<vid>.img~running`` (a rename and a directory fsync,
+like any other start, however many start at once), or, when there is
+none, snapshots the snapbase right there; a stop destroys the running
+subvolume.  O(1) in the image's size and in the number of VMs starting;
+the cleaner's later work is proportional to what the VM changed, and
+keeping a snapshot of an unchanged subvolume costs no extent.
 
-The volume calls `start`, `stop`, `want`, `prepare`, `remove_stale` and
-`remove_all`; where the ioctls are refused (not btrfs, no permission, an
-old kernel) the first refusal is logged with its reason and from then on
-`start` returns False, the volume clones as before, and nothing else is
-made.  Committed images stay plain files at their usual names.
+The volume calls `usable`, `start`, `stop`, `prepare`, `prepare_ready`,
+`remove_stale` and `remove_all`.  Where the pool is not on btrfs, or the
+ioctls are refused (no permission, an old kernel), that is logged once
+with its reason and from then on `start` returns False, the volume clones
+as before, and nothing else is made.  Committed images stay plain files
+at their usual names.
 """
 
 import errno
 import logging
 import os
 
-from . import btrfs, fileops, layout
+from . import btrfs, fileops, inspect, layout
 
 log = logging.getLogger("qubes.storage.reflink")
 
@@ -32,10 +37,11 @@ log = logging.getLogger("qubes.storage.reflink")
 class SubvolumeSnapshots:
     """The subvolume mechanism of one pool."""
 
-    def __init__(self, pool_name):
-        self.pool_name = pool_name
-        #: why the ioctls can't be used here, once one was refused
+    def __init__(self, pool):
+        self.pool = pool
+        #: why subvolumes can't be used here, once that is known
         self.refused = None
+        self._checked = False
 
     def _refuse(self, err, path):
         """Give up on subvolumes for this pool if `err` says they can't
@@ -56,17 +62,35 @@ class SubvolumeSnapshots:
                 level,
                 "pool %s: btrfs subvolume snapshots are not available: %s; "
                 "snapshot volumes start from reflink clones instead",
-                self.pool_name,
+                self.pool.name,
                 reason,
             )
 
+    @property
+    def usable(self):
+        """Whether snapshot volumes start from subvolumes here; the first
+        call looks up the pool's filesystem (one read of the mount table),
+        so that no ioctl is tried, and no background work is started for
+        it, where there is no btrfs."""
+        if not self._checked:
+            self._checked = True
+            fstype = inspect.mount_of(self.pool.root)[1]
+            if fstype != "btrfs":
+                self.disable(f"{fstype} is not btrfs", logging.INFO)
+        return self.refused is None
+
     def start(self, files, source, key):
-        """Make `files`' running image a snapshot of the snapbase of
-        `source`'s committed version `key`.  False when there is none
-        (or subvolumes can't be used): then the caller clones."""
-        if self.refused is not None:
+        """Make `files`' running image its ready snapshot of `source`'s
+        committed version `key`, else a new snapshot of that version's
+        snapbase.  False when there is neither (or subvolumes can't be
+        used): then the caller clones."""
+        if not self.usable:
             return False
         self.stop(files)
+        ready = files.ready(key)
+        if btrfs.is_subvolume(ready):
+            fileops.rename(ready, files.running)
+            return True
         base = source.snapbase(key)
         if not btrfs.is_subvolume(base):
             return False
@@ -88,14 +112,35 @@ class SubvolumeSnapshots:
     def prepare(self, files, stat_result, wanted):
         """Make the snapbase of the committed version `stat_result`, if
         snapshot volumes start from this one (`wanted`, or a snapbase of
-        an older version exists), and destroy the older ones."""
+        an older version exists), and destroy the older ones.  True if it
+        made one: the ready snapshots of the older are stale now."""
         listing = files.scan()
-        if self.refused is not None or not (wanted or listing.snapbases):
-            return
+        if not (wanted or listing.snapbases) or not self.usable:
+            return False
         key = layout.spare_key(stat_result)
+        made = False
         if key not in listing.snapbases:
-            self._make_snapbase(files, key, stat_result)
+            made = self._make_snapbase(files, key, stat_result)
         self.remove_stale(files, key)
+        return made
+
+    def prepare_ready(self, files, source, key):
+        """Snapshot `source`'s snapbase of version `key` as `files`' ready
+        subvolume, so that the next start is a rename (an atomic ioctl: it
+        is complete or absent); destroy the ready ones of other versions."""
+        if not self.usable:
+            return
+        self.remove_stale(files, key)
+        base = source.snapbase(key)
+        if btrfs.is_subvolume(files.ready(key)) or not btrfs.is_subvolume(base):
+            return
+        try:
+            btrfs.snapshot(base, files.ready(key))
+        except FileNotFoundError:  # replaced by a newer version meanwhile
+            return
+        except OSError as err:
+            if not self._refuse(err, files.ready(key)):
+                raise
 
     def _make_snapbase(self, files, key, stat_result):
         """Fill a new subvolume with a reflink of the committed image, then
@@ -106,24 +151,26 @@ class SubvolumeSnapshots:
             btrfs.create(temp)
         except OSError as err:
             if self._refuse(err, temp):
-                return
+                return False
             raise
         try:
             image = os.path.join(temp, layout.SUBVOLUME_IMAGE)
             try:
                 fileops.make_copy(files.committed, image, expected=stat_result)
             except fileops.SourceChanged:  # committed anew meanwhile
-                return
+                return False
             btrfs.snapshot(temp, files.snapbase(key), read_only=True)
+            return True
         finally:
             btrfs.destroy(temp)
 
     def remove_stale(self, files, fresh_key):
         """Destroy subvolumes of `files`' volume that no start will use:
-        snapbases of other versions than `fresh_key` (None: all) and
-        unfinished ones."""
+        snapbases and ready snapshots of other versions than `fresh_key`
+        (None: all), and unfinished ones."""
         listing = files.scan()
-        stale = [p for k, p in listing.snapbases.items() if k != fresh_key]
+        kept = {**listing.snapbases, **listing.readies}
+        stale = [path for key, path in kept.items() if key != fresh_key]
         for path in stale + listing.snaptemps:
             btrfs.destroy(path)
 

@@ -117,12 +117,17 @@ class ReflinkVolume(Volume):
 
     def is_outdated(self):
         """True when the source committed new data since this start."""
-        if not self.snap_on_start or not os.path.exists(self._files.base):
+        if not self.snap_on_start:
             return False
+        bases = self._files.scan().base
         source = self.source._files.committed  # pylint: disable=W0212
-        return os.path.exists(source) and not fileops.same_file(
-            self._files.base, source
-        )
+        current = fileops.stat_or_none(source)
+        if not bases or current is None:
+            return False
+        key, path = next(iter(bases.items()))
+        if key:
+            return key != layout.spare_key(current)
+        return not fileops.same_file(path, source)  # an older driver's link
 
     @property
     def revisions(self):
@@ -194,11 +199,17 @@ class ReflinkVolume(Volume):
             await asyncio.wait([task])
 
     def _prepare_spare_later(self):
-        """After the current operation, make the copy that the next start
-        takes: for a snapshot volume, which keeps none, its source's."""
+        """After the current operation, make what the next start takes: for
+        an origin its spare; for a snapshot volume its source's spare and
+        snapbase, then (btrfs) its own ready snapshot of that."""
         if self.snap_on_start:
             self.source._prepare_spare_later()  # pylint: disable=W0212
-            return
+            if self.save_on_stop or not self.pool.subvolumes.usable:
+                return
+        self._prepare_own_later()
+
+    def _prepare_own_later(self):
+        """Start (or ask once more of) this volume's background task."""
         if self.pool.closed:
             return
         live = self._live
@@ -213,28 +224,49 @@ class ReflinkVolume(Volume):
         # it fresh: it asks again, and the task goes round once more.
         while self._live.spare_wanted:
             self._live.spare_wanted = False
+            if self.snap_on_start:
+                await self.source.settle()  # its snapbase first
             async with self._lock:
                 if self.pool.closed:
                     return  # closed while this task waited for the lock
                 try:
-                    await asyncio.to_thread(self._in_pool, self._prepare_spare)
+                    made = await asyncio.to_thread(
+                        self._in_pool, self._prepare_spare
+                    )
                 except Exception as err:  # pylint: disable=W0718
                     # A spare only saves time; the next start will clone.
                     log.warning(
                         "could not prepare a spare of %s: %s", self.vid, err
                     )
+                    made = False
                 finally:
                     self.pool.trash.sweep_later()
+            if made:
+                self._renew_ready_snapshots()
+
+    def _renew_ready_snapshots(self):
+        """A new snapbase of this volume: the ready snapshots of the
+        snapshot volumes started from it are of an older version now."""
+        for volume in self.pool.list_volumes():
+            source = getattr(volume, "source", None)
+            if volume.snap_on_start and source is not None:
+                if source.vid == self.vid and not volume.save_on_stop:
+                    volume._prepare_own_later()  # pylint: disable=W0212
 
     def _prepare_spare(self):
         """Clone the committed image, unless a fresh spare of it exists
-        already; discard stale spares.  Runs in a thread, under the lock."""
+        already; discard stale spares; for a snapshot volume, make its
+        ready snapshot.  Runs in a thread, under the lock.  True if it
+        made a new snapbase."""
+        if self.snap_on_start:
+            self._prepare_ready()
+            return False
         source = self._files.committed
         stat_result = fileops.stat_or_none(source)
         if stat_result is None or self.snapshots_disabled:
-            return
+            return False
         # many snapshot volumes may start at once: their snapbase first
-        self.pool.subvolumes.prepare(
+        made = self.pool.subvolumes.prepare(
             self._files, stat_result, self._live.snapbase_wanted
         )
         key = layout.spare_key(stat_result)
@@ -248,6 +280,16 @@ class ReflinkVolume(Volume):
                     self._files.temp(),
                     expected=stat_result,
                 )
+        return made
+
+    def _prepare_ready(self):
+        """A ready snapshot of the source's current snapbase (btrfs)."""
+        source = self._start_files()
+        current = fileops.stat_or_none(source.committed)
+        if current is not None:
+            self.pool.subvolumes.prepare_ready(
+                self._files, source, layout.spare_key(current)
+            )
 
     def _take_spare(self, files, key):
         """Rename the spare of version `key` found in `files`' directory to
@@ -273,8 +315,8 @@ class ReflinkVolume(Volume):
         stale = list(listing.temps)
         stale += [p for p in listing.exports if p not in self._live.exports]
         stale += [p for p in listing.imports if p != self._live.import_path]
-        if listing.base and not (listing.dirty or listing.running):
-            stale.append(self._files.base)
+        if not (listing.dirty or listing.running):
+            stale += listing.base.values()
         # a snapshot volume keeps no spare: any is left by an older version
         committed = None if self.snap_on_start else self._files.committed
         current = fileops.stat_or_none(committed) if committed else None
@@ -284,8 +326,13 @@ class ReflinkVolume(Volume):
             for key, path in listing.spares.items()
             if key != fresh or _linked_elsewhere(path)
         ]
-        if listing.snapbases or listing.snaptemps:
-            self.pool.subvolumes.remove_stale(self._files, fresh)
+        if listing.snapbases or listing.snaptemps or listing.readies:
+            # snapbases are of this volume's versions, ready snapshots of
+            # its source's
+            source = fileops.stat_or_none(self._start_files().committed)
+            self.pool.subvolumes.remove_stale(
+                self._files, layout.spare_key(source) if source else None
+            )
         # a stale spare may have many extents: its deletion is background
         self.pool.trash.discard(stale)
 
@@ -395,7 +442,8 @@ class ReflinkVolume(Volume):
         self._remove_stale(listing)
         self.pool.subvolumes.remove_all(files)
         self.pool.trash.discard(
-            [files.dirty, files.base]
+            [files.dirty]
+            + list(files.scan().base.values())
             + list(listing.spares.values())
             + list(listing.imports)  # an import in progress ends with us
             + [rev.path for rev in listing.revisions]
@@ -483,10 +531,11 @@ class ReflinkVolume(Volume):
     def _start_from_source(self):
         """Start from the source's committed data (never its running image).
 
-        A hard link (``~base``) pins the version started from: it is what
-        is_outdated compares with, and what the copy is checked against.
-        The source's spare of that version is taken by a rename; when
-        another start took it first, the start makes one clone.
+        A marker (`layout.VolumeFiles.base_marker`) names the version
+        started from: is_outdated compares it with the source's.  On btrfs
+        that version's snapbase is snapshotted; else the source's spare of
+        it is taken by a rename, and when another start took it first, the
+        start makes one clone, of that version only.
         """
         files, source = self._files, self._start_files()
         self.pool.subvolumes.stop(files)  # left by a crash
@@ -496,20 +545,30 @@ class ReflinkVolume(Volume):
                 log.warning("%s: keeping its unsaved running image", self.vid)
                 return
             fileops.remove_files([files.dirty])
-        if not os.path.exists(source.committed):
+        current = fileops.stat_or_none(source.committed)
+        if current is None:
             raise self._no_start_data(source.committed)
-        fileops.remove_files([files.base])
+        fileops.remove_files(files.scan().base.values())
+        key = layout.spare_key(current)
         # made durable by the directory fsync of the rename (or published
-        # copy) to the running image below, in the same directory
-        fileops.link(source.committed, files.base, durable=False)
-        key = layout.spare_key(os.stat(files.base))
-        # the snapshot's transaction commit makes the link durable too
+        # copy) to the running image below, in the same directory, or by
+        # the snapshot's transaction commit
+        fileops.make_sparse(files.base_marker(key), 0)
         if not self.save_on_stop and self.pool.subvolumes.start(
             files, source, key
         ):
             return
-        if not self._take_spare(source, key):
-            fileops.publish_copy(files.base, files.dirty, files.temp())
+        if self._take_spare(source, key):
+            return
+        try:
+            fileops.publish_copy(
+                source.committed, files.dirty, files.temp(), expected=current
+            )
+        except fileops.SourceChanged:
+            raise StoragePoolException(
+                f"Cannot start volume {self.vid}: its source {source.vid} "
+                "committed new data while it started; start it again"
+            ) from None
 
     def _start_volatile(self):
         fileops.remove_files([self._files.dirty])
@@ -534,24 +593,22 @@ class ReflinkVolume(Volume):
     def _stop(self):
         files = self._files
         self._remove_stale(files.scan())
+        bases = list(files.scan().base.values())
         if not self.save_on_stop:
             self.pool.subvolumes.stop(files)
-            if not os.path.exists(files.dirty):
-                self.pool.trash.discard([files.base])
-                return False
-        if not os.path.exists(files.dirty):
+            running = fileops.stat_or_none(files.dirty)
+            if running is not None and not self.snap_on_start:
+                self._size = running.st_size  # keep a resize for next start
+            self.pool.trash.discard([files.dirty] + bases)
             return False
-        if not self.save_on_stop:
-            if not self.snap_on_start:  # keep a resize for the next start
-                self._size = os.stat(files.dirty).st_size
-            self.pool.trash.discard([files.dirty, files.base])
+        if not os.path.exists(files.dirty):
             return False
         if self.snapshots_disabled:
             fileops.publish(files.dirty, files.committed)
             self._prune(0)
         else:
             self._commit(files.dirty)
-        fileops.remove_files([files.base])
+        fileops.remove_files(bases)
         return True
 
     # -- data in and out -----------------------------------------------------

@@ -913,6 +913,9 @@ def check_files(world, errors, where, extra_revisions=1):
         for key, path in listing.snapbases.items():
             if own is None or key != layout.spare_key(own):
                 errors.append(f"{where}: stale snapbase {path}")
+        for key, path in listing.readies.items():
+            if key != fresh:
+                errors.append(f"{where}: stale ready snapshot {path}")
         ids = [rev.id for rev in listing.revisions]
         if list(vol.revisions) != ids:
             errors.append(

@@ -31,6 +31,7 @@ import pytest
 from helpers import (
     MIB,
     FakeVM,
+    committed,
     new_pool,
     origin,
     read_image,
@@ -482,3 +483,35 @@ async def test_start_waits_for_spare_being_made(reflink_dir):
     assert read_image(vol.path, len(NEW)) == NEW
     await vol.stop()
     await pool.wait_background()
+
+
+@pytest.mark.parametrize("mechanism", ["clone", "default"])
+async def test_snapshot_start_and_stop_touch_no_name_of_the_source(
+    reflink_dir, mechanism
+):
+    """A snapshot volume's start and stop never link, unlink or rename a
+    name of its source's committed image: those wait while that image is
+    cloned (the source's next spare, right after a start took the last),
+    and a stop right after a start then waited for the clone (XFS)."""
+    if mechanism == "clone":
+        pool = await clone_starts_pool(reflink_dir)
+    else:
+        pool = await new_pool(reflink_dir)
+    template_root, appvm_root = await snapshot_of_template(pool)
+    source = os.stat(committed(template_root))
+    touched = []
+
+    def check(step, paths):
+        found = fileops.stat_or_none(paths[0]) if paths else None
+        if step in ("link", "unlink", "rename") and found is not None:
+            if os.path.samestat(found, source):
+                touched.append((step, paths))
+
+    with recording(check):
+        await appvm_root.start()
+        await appvm_root.stop()
+        await appvm_root.start()
+        await appvm_root.stop()
+        await pool.wait_background()
+    assert touched == []
+    assert read_image(committed(template_root), len(OLD)) == OLD

@@ -33,6 +33,7 @@ from hypothesis.stateful import (
 )
 
 from helpers import FakeVM, new_pool, origin, read_image, snapshot, volatile
+from qubes_reflink import layout
 from qubes_reflink.host import StoragePoolException, isodate
 
 UNIT = 16 * 1024  # sizes are multiples of this; images stay small
@@ -804,7 +805,9 @@ class ReflinkMachine(RuleBasedStateMachine):
             assert "~tmp." not in entry and "~import." not in entry, path
             if "~export." in entry:
                 assert path in open_exports, path
-            if entry.endswith("~base"):
+            if layout.classify(entry) and layout.classify(entry).kind == (
+                layout.BASE
+            ):
                 vol_name = entry.split(".img~", 1)[0]
                 assert models[vol_name].running is not None, path
 

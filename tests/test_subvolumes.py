@@ -127,17 +127,30 @@ def test_subvolume_ioctls_refused_elsewhere(fs_dir):
 # -- starts and stops ----------------------------------------------------------
 
 
-async def test_start_is_one_snapshot_and_stop_destroys_it(btrfs_dir, steps):
-    """The running image lives in a subvolume in the AppVM's directory,
-    holds the template's committed data, and is the VM's own; no clone
-    and no copy is made by the start or the stop."""
+def readies(volume):
+    """The ready snapshots in `volume`'s directory, by source version."""
+    files = layout.VolumeFiles(volume.pool.root, volume.vid)
+    return files.scan().readies
+
+
+async def test_start_renames_the_ready_snapshot_stop_destroys_it(
+    btrfs_dir, steps
+):
+    """A stopped AppVM keeps a ready snapshot of its template's snapbase:
+    its start renames it into place (no snapshot, no clone, no copy). The
+    running image lives in a subvolume in the AppVM's directory, holds the
+    template's committed data, and is the VM's own; the stop destroys it,
+    and a new ready snapshot is made in the background."""
     pool = await new_pool(btrfs_dir)
     tpl = await template(pool)
     (root,) = await appvms(pool, tpl, 1)
+    (ready,) = readies(root).values()
     steps.names.clear()
     await root.start()
-    assert steps.names.count("subvolume-snapshot") == 1
-    assert "clone" not in steps.names and "copy" not in steps.names
+    assert "rename" in steps.names
+    for costly in ("subvolume-snapshot", "clone", "copy"):
+        assert costly not in steps.names
+    assert not os.path.exists(ready)
     running = os.path.join(pool.root, "appvms/app0/root.img~running")
     assert btrfs.is_subvolume(running)
     assert root.path == os.path.join(running, "image.img")
@@ -151,19 +164,39 @@ async def test_start_is_one_snapshot_and_stop_destroys_it(btrfs_dir, steps):
     await pool.wait_background()
     assert "clone" not in steps.names and "copy" not in steps.names
     assert not os.path.exists(running)
-    assert tree(os.path.join(pool.root, "appvms", "app0")) == []
+    assert list(readies(root)) == [layout.spare_key(os.stat(committed(tpl)))]
+    await pool.close()
+
+
+async def test_start_without_ready_snapshots_the_snapbase(btrfs_dir, steps):
+    """No ready snapshot (taken by a start a moment ago, or not made yet):
+    the start is one snapshot of the snapbase, still no clone."""
+    pool = await new_pool(btrfs_dir)
+    tpl = await template(pool)
+    (root,) = await appvms(pool, tpl, 1)
+    for path in readies(root).values():
+        btrfs.destroy(path)
+    steps.names.clear()
+    await root.start()
+    assert steps.names.count("subvolume-snapshot") == 1
+    assert "clone" not in steps.names and "copy" not in steps.names
+    assert read_image(root.path, 3) == b"<A>"
+    await root.stop()
     await pool.close()
 
 
 async def test_many_start_together_each_its_own(btrfs_dir, steps):
-    """Forty AppVMs started at once: forty snapshots, no clone, each VM
-    writing only its own image."""
+    """Forty AppVMs started at once: forty renames of their ready
+    snapshots, no snapshot and no clone on the way, each VM writing only
+    its own image."""
     pool = await new_pool(btrfs_dir)
     tpl = await template(pool)
     roots = await appvms(pool, tpl, 40)
     steps.names.clear()
     await asyncio.gather(*(root.start() for root in roots))
-    assert steps.names.count("subvolume-snapshot") == 40
+    assert steps.names.count("rename") == 40
+    # the next starts' ready snapshots, made in the background meanwhile
+    assert steps.names.count("subvolume-snapshot") <= 40
     assert "clone" not in steps.names
     for number, root in enumerate(roots):
         write_image(root.path, f"{number:03}".encode())
@@ -244,6 +277,8 @@ async def test_snapbase_once_per_commit(btrfs_dir):
         open(image, "r+b").close()
     assert read_image(root.path, 3) == b"<A>"
     assert root.is_outdated()
+    # its ready snapshot is of the new version already
+    assert list(readies(root)) == [layout.spare_key(os.stat(committed(tpl)))]
     await root.stop()
     await root.start()
     assert read_image(root.path, 3) == b"<B>" and not root.is_outdated()
