@@ -52,7 +52,6 @@ UNSUPPORTED = frozenset(
         errno.EACCES,
         errno.EOPNOTSUPP,
         errno.EINVAL,
-        errno.EXDEV,
     }
 )
 

@@ -693,9 +693,9 @@ def _add_fsck(subparsers):
     fsck.add_argument(
         "--repair",
         action="store_true",
-        help="remove temporary, export, import files, stale spares and "
-        "base links, and set image modes to 0600 (never touches committed "
-        "or running images or revisions)",
+        help="remove temporary, export, import files, stale spares, base "
+        "markers and snapshot subvolumes, and set image modes to 0600 "
+        "(never touches committed or running images or revisions)",
     )
     fsck.add_argument(
         "--remove-cow",

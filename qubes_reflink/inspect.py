@@ -187,7 +187,7 @@ def scan_pool(pool_dir, attached=None):
     `attached`: (st_dev, st_ino) of files loop devices use (default: read
     from /sys).  A spare is stale unless it is named for its own volume's
     committed image (snapshot volumes keep none: one found there was left
-    by an older version); a base link is stale when its volume is not
+    by an older version); a base marker is stale when its volume is not
     running.
     """
     if not os.path.isdir(pool_dir):
@@ -419,7 +419,7 @@ def subvolume_removals(scan):
                 (
                     "btrfs subvolume of this driver, unknown to other drivers"
                     if info.kind != layout.BASE
-                    else "base link of the running image removed with it"
+                    else "base marker of the running image removed with it"
                 ),
                 REMOVE_SUBVOLUME,
             )

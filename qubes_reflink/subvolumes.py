@@ -99,6 +99,8 @@ class SubvolumeSnapshots:
         except FileNotFoundError:  # replaced by a newer version meanwhile
             return False
         except OSError as err:
+            if err.errno == errno.EXDEV:  # a source in a pool elsewhere
+                return False
             if self._refuse(err, files.running):
                 return False
             raise
@@ -139,7 +141,9 @@ class SubvolumeSnapshots:
         except FileNotFoundError:  # replaced by a newer version meanwhile
             return
         except OSError as err:
-            if not self._refuse(err, files.ready(key)):
+            if err.errno != errno.EXDEV and not self._refuse(
+                err, files.ready(key)
+            ):
                 raise
 
     def _make_snapbase(self, files, key, stat_result):

@@ -22,6 +22,7 @@ spare taken (several VMs of one template starting at once) makes one clone.
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -303,6 +304,10 @@ class ReflinkVolume(Volume):
         try:
             fileops.rename(files.spare(key), self._files.dirty)
         except FileNotFoundError:
+            return False
+        except OSError as err:
+            if err.errno != errno.EXDEV:  # a source in a pool elsewhere
+                raise
             return False
         return True
 

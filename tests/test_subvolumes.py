@@ -25,6 +25,7 @@ from helpers import (
     tree,
     write_image,
 )
+from loopfs import loop_filesystem
 from qubes_reflink import ReflinkPool, btrfs, cli, fileops, layout
 
 MIB = 1024**2
@@ -450,3 +451,30 @@ async def test_switching_back_removes_every_subvolume(btrfs_dir, capsys):
         before.st_mtime_ns,
     )
     assert read_image(committed(tpl), 3) == b"<A>"
+
+
+async def test_source_in_a_pool_on_another_btrfs(btrfs_dir, tmp_path):
+    """A template in a pool on another btrfs filesystem: a snapshot can't
+    cross filesystems (EXDEV), so the AppVM's root is copied, and its own
+    pool keeps using subvolumes for the volumes it can."""
+    with loop_filesystem("btrfs", parent=str(tmp_path)) as other:
+        far = await new_pool(other)
+        tpl = await template(far)
+        near = await new_pool(btrfs_dir, setup_check="no")
+        root = snapshot(near, FakeVM("app"), tpl)
+        await root.create()
+        await far.wait_background()
+        await near.wait_background()
+        await root.start()
+        assert read_image(root.path, 3) == b"<A>"
+        assert not btrfs.is_subvolume(os.path.dirname(root.path))
+        await root.stop()
+        assert near.subvolumes.usable
+        local = await template(near, "L", name="local")
+        (mine,) = await appvms(near, local, 1)
+        await mine.start()
+        assert btrfs.is_subvolume(os.path.dirname(mine.path))
+        await mine.stop()
+        for pool in (near, far):
+            await pool.wait_background()
+            await pool.close()
