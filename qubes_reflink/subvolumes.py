@@ -91,17 +91,21 @@ class SubvolumeSnapshots:
         if btrfs.is_subvolume(ready):
             fileops.rename(ready, files.running)
             return True
-        base = source.snapbase(key)
+        return self._snapshot(source.snapbase(key), files.running)
+
+    def _snapshot(self, base, dst):
+        """Snapshot the snapbase `base` as `dst`; False when it is gone
+        (replaced by a newer version meanwhile), lies on another
+        filesystem (a source in a pool elsewhere) or can't be snapshotted
+        here at all."""
         if not btrfs.is_subvolume(base):
             return False
         try:
-            btrfs.snapshot(base, files.running)
-        except FileNotFoundError:  # replaced by a newer version meanwhile
+            btrfs.snapshot(base, dst)
+        except FileNotFoundError:
             return False
         except OSError as err:
-            if err.errno == errno.EXDEV:  # a source in a pool elsewhere
-                return False
-            if self._refuse(err, files.running):
+            if err.errno == errno.EXDEV or self._refuse(err, dst):
                 return False
             raise
         return True
@@ -133,18 +137,8 @@ class SubvolumeSnapshots:
         if not self.usable:
             return
         self.remove_stale(files, key)
-        base = source.snapbase(key)
-        if btrfs.is_subvolume(files.ready(key)) or not btrfs.is_subvolume(base):
-            return
-        try:
-            btrfs.snapshot(base, files.ready(key))
-        except FileNotFoundError:  # replaced by a newer version meanwhile
-            return
-        except OSError as err:
-            if err.errno != errno.EXDEV and not self._refuse(
-                err, files.ready(key)
-            ):
-                raise
+        if not btrfs.is_subvolume(files.ready(key)):
+            self._snapshot(source.snapbase(key), files.ready(key))
 
     def _make_snapbase(self, files, key, stat_result):
         """Fill a new subvolume with a reflink of the committed image, then

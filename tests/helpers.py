@@ -1,6 +1,7 @@
 """Shared test helpers: VMs as the host describes them, and volume sets."""
 
 import hashlib
+import json
 import os
 
 from qubes_reflink import ReflinkPool, extents
@@ -134,3 +135,13 @@ def dirty(volume):
 def vm_dir(volume):
     """The directory holding a volume's files."""
     return os.path.dirname(committed(volume))
+
+
+def report_summary(request, path, results, lines):
+    """Write a run's `results` to `path` as JSON and print `lines` past
+    pytest's capture: the figures a long harness run ends with."""
+    with open(path, "w", encoding="utf-8") as summary_file:
+        json.dump(results, summary_file, indent=1, sort_keys=True)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n".join(lines))

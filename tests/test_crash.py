@@ -25,6 +25,7 @@ import tempfile
 import pytest
 
 import crashharness
+from helpers import report_summary
 from loopfs import on_demand
 
 HARNESS = os.path.join(os.path.dirname(__file__), "crashharness.py")
@@ -123,8 +124,6 @@ def _run_harness(op, dirs, checks, env=None):
 def _print_summary(request, results):
     if not results:
         return
-    with open(SUMMARY, "w", encoding="utf-8") as summary_file:
-        json.dump(results, summary_file, indent=1, sort_keys=True)
     lines = ["", "crash points tried per operation (survived = 0 failures):"]
     total = 0
     for name in sorted(results):
@@ -135,9 +134,7 @@ def _print_summary(request, results):
             f"({entry['steps']} steps), {entry['failures']} failures"
         )
     lines.append(f"  total: {total} crash points; summary in {SUMMARY}")
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n".join(lines))
+    report_summary(request, SUMMARY, results, lines)
 
 
 @pytest.fixture(scope="module")

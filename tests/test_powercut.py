@@ -140,13 +140,9 @@ def summary_lines(results):
 def _print_summary(request, results):
     if not results:
         return
-    with open(SUMMARY, "w", encoding="utf-8") as summary_file:
-        json.dump(results, summary_file, indent=1, sort_keys=True)
     lines = ["", "power-cut states per operation (lost must be 0):"]
     lines += summary_lines(results) + [f"summary in {SUMMARY}"]
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n".join(lines))
+    helpers.report_summary(request, SUMMARY, results, lines)
 
 
 def _sampling_of(item):
