@@ -84,3 +84,23 @@ def parse_dir_path(value):
             f"absolute path (for example /var/lib/{value.strip('/')})"
         )
     return os.path.normpath(value)
+
+
+_VOLUME_BOOLS = ("rw", "save_on_stop", "snap_on_start")
+
+
+def parse_volume_options(kwargs):
+    """Volume options from qubes.xml arrive as strings: convert them."""
+    parsed = dict(kwargs)
+    for option in _VOLUME_BOOLS:
+        if option in parsed:
+            parsed[option] = parse_bool(parsed[option], option)
+    if parsed.get("ephemeral") is not None:
+        parsed["ephemeral"] = parse_bool(parsed["ephemeral"], "ephemeral")
+    if "revisions_to_keep" in parsed:
+        parsed["revisions_to_keep"] = parse_revisions_to_keep(
+            parsed["revisions_to_keep"]
+        )
+    if "size" in parsed:
+        parsed["size"] = parse_size(parsed["size"])
+    return parsed

@@ -8,9 +8,10 @@ import os
 from . import fileops, layout, options
 from .errors import storage_error
 from .host import Pool, StoragePoolException
+from .background import Background
 from .subvolumes import SubvolumeSnapshots
 from .trash import Trash
-from .volume import LiveState, ReflinkVolume
+from .volume import ReflinkVolume
 
 DEFAULT_DRIVER_NAME = "file-reflink"
 
@@ -64,13 +65,12 @@ class ReflinkPool(Pool):
         #: dir_path with symbolic links resolved: where the files really are
         self.root = os.path.realpath(self.dir_path)
         self._volumes = {}
-        self._live = {}
         #: where stops put the images they discard, emptied in the background
         self.trash = Trash(self)
         #: how snapshot volumes start on btrfs (falls back to clones)
         self.subvolumes = SubvolumeSnapshots(self)
-        #: set by `close`: no background work is started any more
-        self.closed = False
+        #: what the next starts take, prepared after each operation
+        self.background = Background(self)
 
     @property
     def driver(self):
@@ -154,7 +154,7 @@ class ReflinkPool(Pool):
         after the file at hand (see `Trash.close`).  The host's stop of
         each volume at its next start makes what was left undone.
         """
-        self.closed = True
+        self.background.closed = True
         await self.trash.close()
         await self.wait_spares()
 
@@ -162,9 +162,7 @@ class ReflinkPool(Pool):
         """Wait until no volume of this pool is preparing a spare: each
         next start then finds its spare ready (the trash may still be
         swept)."""
-        tasks = [s.background for s in self._live.values() if s.background]
-        if tasks:
-            await asyncio.wait(tasks)
+        await self.background.wait()
 
     def init_volume(self, vm, volume_config):
         """The Volume object for a VM's volume; touches nothing on disk."""
@@ -187,15 +185,13 @@ class ReflinkPool(Pool):
         config["pool"] = self
         volume = ReflinkVolume(**config)
         self._volumes[volume.vid] = volume
+        self.background.register(volume)
         return volume
-
-    def live_state(self, vid):
-        """The in-memory state shared by all Volume objects of `vid`."""
-        return self._live.setdefault(vid, LiveState())
 
     def forget_volume(self, vid):
         """Drop a removed volume from list_volumes()."""
         self._volumes.pop(vid, None)
+        self.background.forget(vid)
 
     def list_volumes(self):
         """The volumes initialised in this pool."""

@@ -17,8 +17,9 @@ subvolume.  O(1) in the image's size and in the number of VMs starting;
 the cleaner's later work is proportional to what the VM changed, and
 keeping a snapshot of an unchanged subvolume costs no extent.
 
-The volume calls `usable`, `start`, `stop`, `prepare`, `prepare_ready`,
-`remove_stale` and `remove_all`.  Where the pool is not on btrfs, or the
+The volume kinds (`kinds`) call `usable`, `start`, `stop`, `prepare`,
+`prepare_ready`, `destroy` and `remove_all`; which subvolumes are garbage
+is for `judgement` to say.  Where the pool is not on btrfs, or the
 ioctls are refused (no permission, an old kernel), that is logged once
 with its reason and from then on `start` returns False, the volume clones
 as before, and nothing else is made.  Committed images stay plain files
@@ -115,29 +116,24 @@ class SubvolumeSnapshots:
         if btrfs.is_subvolume(files.running):
             btrfs.destroy(files.running)
 
-    def prepare(self, files, stat_result, wanted):
+    def prepare(self, files, stat_result, wanted, listing):
         """Make the snapbase of the committed version `stat_result`, if
         snapshot volumes start from this one (`wanted`, or a snapbase of
-        an older version exists), and destroy the older ones.  True if it
-        made one: the ready snapshots of the older are stale now."""
-        listing = files.scan()
+        an older version exists in `listing`).  True if it made one: the
+        ready snapshots of the older are stale now.  Those of other
+        versions are garbage (`judgement`)."""
         if not (wanted or listing.snapbases) or not self.usable:
             return False
         key = layout.spare_key(stat_result)
-        made = False
-        if key not in listing.snapbases:
-            made = self._make_snapbase(files, key, stat_result)
-        self.remove_stale(files, key)
-        return made
+        if key in listing.snapbases:
+            return False
+        return self._make_snapbase(files, key, stat_result)
 
     def prepare_ready(self, files, source, key):
         """Snapshot `source`'s snapbase of version `key` as `files`' ready
         subvolume, so that the next start is a rename (an atomic ioctl: it
-        is complete or absent); destroy the ready ones of other versions."""
-        if not self.usable:
-            return
-        self.remove_stale(files, key)
-        if not btrfs.is_subvolume(files.ready(key)):
+        is complete or absent)."""
+        if self.usable and not btrfs.is_subvolume(files.ready(key)):
             self._snapshot(source.snapbase(key), files.ready(key))
 
     def _make_snapbase(self, files, key, stat_result):
@@ -162,17 +158,16 @@ class SubvolumeSnapshots:
         finally:
             btrfs.destroy(temp)
 
-    def remove_stale(self, files, fresh_key):
-        """Destroy subvolumes of `files`' volume that no start will use:
-        snapbases and ready snapshots of other versions than `fresh_key`
-        (None: all), and unfinished ones."""
-        listing = files.scan()
-        kept = {**listing.snapbases, **listing.readies}
-        stale = [path for key, path in kept.items() if key != fresh_key]
-        for path in stale + listing.snaptemps:
+    def destroy(self, paths):
+        """Destroy the subvolumes `paths` (judged garbage)."""
+        for path in paths:
             btrfs.destroy(path)
 
-    def remove_all(self, files):
+    def remove_all(self, files, listing):
         """Destroy every subvolume of `files`' volume (its removal)."""
         self.stop(files)
-        self.remove_stale(files, None)
+        self.destroy(
+            list(listing.snapbases.values())
+            + list(listing.readies.values())
+            + listing.snaptemps
+        )
