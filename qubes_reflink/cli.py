@@ -1,8 +1,9 @@
 """qubes-reflink: look inside a file-reflink pool, repair it, migrate to it.
 
 The operator's tool, used while qubesd is stopped (or to look while it
-runs).  It knows file names only through `layout`, changes files only
-through `fileops`, and takes its findings from `inspect` and `migrate`.
+runs).  It parses, calls and prints: its findings come from `inspect`,
+its repairs from `repair`, the switch of drivers from `migrate`; it
+changes no file itself.
 """
 
 import argparse
@@ -12,10 +13,8 @@ import os
 import sys
 import time
 
-from . import btrfs, fileops, inspect, layout, migrate
+from . import fileops, inspect, layout, migrate, repair
 from .pool import driver_name
-
-log = logging.getLogger("qubes.storage.reflink")
 
 EXIT_OK = 0
 EXIT_NO = 1  # check: no reflinks; fsck: problems; migrate: can't reflink
@@ -315,10 +314,10 @@ def cmd_fsck(args, out):
         out.line("refusing to repair while qubesd is running: stop it first")
         out.line("(or use --force if it does not use this pool)")
         return EXIT_REFUSED
-    problems = _fsck_problems(pool_dir, args)
+    problems = inspect.pool_problems(pool_dir, args.remove_subvolumes)
     done = _repair(out, problems, args.remove_cow) if args.repair else []
     if args.repair:
-        problems = _fsck_problems(pool_dir, args)
+        problems = inspect.pool_problems(pool_dir, args.remove_subvolumes)
     for problem in problems:
         out.line(
             f"{problem.path}: {problem.message} ({_WOULD[problem.repair]})"
@@ -334,16 +333,6 @@ def cmd_fsck(args, out):
     return EXIT_NO if problems else EXIT_OK
 
 
-def _fsck_problems(pool_dir, args):
-    """What fsck reports; with --remove-subvolumes also every subvolume of
-    the pool (switching to another driver), which --repair then removes."""
-    scan = inspect.scan_pool(pool_dir)
-    problems = inspect.find_problems(scan)
-    if args.remove_subvolumes:
-        problems = sorted(set(problems + inspect.subvolume_removals(scan)))
-    return problems
-
-
 def _fsck_summary(problems, done, args):
     text = f"{len(done)} repaired, " if args.repair else ""
     text += f"{len(problems)} problems" + (" remaining" if args.repair else "")
@@ -357,26 +346,12 @@ def _fsck_summary(problems, done, args):
 
 
 def _repair(out, problems, remove_cow):
-    """Carry out the repairs fsck allows; never a committed image's data,
-    a running image or a revision (find_problems offers none of those)."""
-    actions = {inspect.REMOVE, inspect.CHMOD, inspect.REMOVE_SUBVOLUME}
-    if remove_cow:
-        actions.add(inspect.REMOVE_COW)
-    chosen = [p for p in problems if p.repair in actions]
+    """Carry out the repairs fsck allows, showing each."""
+    chosen = repair.chosen(problems, remove_cow)
     meter = out.progress(len(chosen), "repairs")
     done = []
     try:
-        for number, problem in enumerate(chosen, 1):
-            if problem.repair == inspect.CHMOD:
-                old = fileops.set_image_mode(problem.path)
-                action = f"changed mode {old:04o} to 0600"
-            elif btrfs.is_subvolume(problem.path):
-                btrfs.destroy(problem.path)
-                action = "removed"
-            else:
-                fileops.remove_files([problem.path])
-                action = "removed"
-            log.info("fsck: %s %s (%s)", action, problem.path, problem.message)
+        for number, (problem, action) in enumerate(repair.carry_out(chosen), 1):
             out.line(f"{action}: {problem.path} ({problem.message})")
             done.append({"path": problem.path, "action": action})
             meter.update(number)
@@ -401,40 +376,35 @@ def cmd_migrate(args, out):
         out.line(f"{xml_path}: no pool uses the 'file' driver; nothing to do")
         out.data({"qubes_xml": xml_path, "pools": [], "applied": False})
         return EXIT_OK
-    plans = [_plan_pool(args, pool, data) for pool in pools]
+    plans = [
+        migrate.plan_pool(pool, data, not args.no_setup_check, args.run_dir)
+        for pool in pools
+    ]
     for plan in plans:
         _print_plan(out, plan, target)
-    verdict = _verdict(args, plans)
+    verdict = _VERDICTS[migrate.obstacle(plans, args.force, args.apply)]
     report = {"qubes_xml": xml_path, "driver": target, "pools": plans}
     if verdict != EXIT_OK or not args.apply:
         _print_dry_run(out, xml_path, verdict)
         out.data({**report, "applied": False, "exit": verdict})
         return verdict
-    backup = _apply(out, xml_path, data, pools, target)
+    backup = migrate.switch(xml_path, data, pools, target)
+    out.line(f"wrote backup {backup}")
+    out.line(
+        f'rewrote {xml_path}: driver="{target}" for '
+        f"{', '.join(p.name for p in pools)}"
+    )
     removed = _remove_cow(out, [p for plan in plans for p in plan["cow"]])
     out.line("done: start qubesd again (systemctl start qubesd)")
     out.data({**report, "applied": True, "backup": backup, "removed": removed})
     return EXIT_OK
 
 
-def _plan_pool(args, pool, data):
-    """What migrating one pool involves, and what stands in the way."""
-    directory = _existing_dir(pool.dir_path)
-    scan = inspect.scan_pool(directory)
-    reflink = None
-    if not args.no_setup_check:
-        reflink = fileops.can_reflink(
-            layout.probe_path(directory), layout.probe_path(directory)
-        )
-    return {
-        "name": pool.name,
-        "dir_path": pool.dir_path,
-        "fstype": inspect.mount_of(directory)[1],
-        "line": migrate.line_of(data, pool.value_span[0]),
-        "reflink": reflink,
-        "busy": migrate.busy_volumes(pool.name, scan, args.run_dir),
-        "cow": migrate.cow_files(scan),
-    }
+_VERDICTS = {
+    None: EXIT_OK,
+    migrate.NO_REFLINK: EXIT_NO,
+    migrate.IN_USE_NOW: EXIT_REFUSED,
+}
 
 
 def _print_plan(out, plan, target):
@@ -449,19 +419,6 @@ def _print_plan(out, plan, target):
     out.line(f"  *-cow.img* files to remove: {len(plan['cow'])}")
     for path in plan["cow"]:
         out.line(f"    {path}")
-
-
-def _verdict(args, plans):
-    """EXIT_OK if the migration may go ahead, else why not."""
-    if any(plan["reflink"] is False for plan in plans):
-        return EXIT_NO
-    if args.force:
-        return EXIT_OK
-    if any(plan["busy"] for plan in plans):
-        return EXIT_REFUSED
-    if args.apply and inspect.qubesd_running():
-        return EXIT_REFUSED
-    return EXIT_OK
 
 
 def _print_dry_run(out, xml_path, verdict):
@@ -483,54 +440,12 @@ def _print_dry_run(out, xml_path, verdict):
         out.line("nothing changed: run again with --apply to do it")
 
 
-def _apply(out, xml_path, data, pools, target):
-    """Back up qubes.xml, then replace it with the edited copy."""
-    new = migrate.rewrite(data, pools, target)
-    like = os.stat(xml_path)
-    backup = _write_backup(xml_path, data, like)
-    out.line(f"wrote backup {backup}")
-    with open(xml_path, "rb") as xml_file:
-        if xml_file.read() != data:
-            raise RuntimeError(f"{xml_path} changed while being migrated")
-    fileops.write_file(xml_path, new, layout.xml_temp(xml_path), like=like)
-    log.info(
-        "migrate: set driver %s of pools %s in %s",
-        target,
-        ", ".join(p.name for p in pools),
-        xml_path,
-    )
-    out.line(
-        f'rewrote {xml_path}: driver="{target}" for '
-        f"{', '.join(p.name for p in pools)}"
-    )
-    return backup
-
-
-def _write_backup(xml_path, data, like):
-    """A new backup file named after the time; never overwrites one."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    for number in range(100):
-        backup = layout.xml_backup(xml_path, stamp, number)
-        try:
-            fileops.write_file(
-                backup,
-                data,
-                layout.xml_temp(xml_path),
-                like=like,
-                replace=False,
-            )
-            return backup
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"too many backups of {xml_path} this second")
-
-
 def _remove_cow(out, paths):
     meter = out.progress(len(paths), "*-cow.img* files removed")
     removed = []
     try:
-        for number, path in enumerate(paths, 1):
-            removed += fileops.remove_files([path])
+        for number, path in enumerate(migrate.remove_cow(paths), 1):
+            removed.append(path)
             out.line(f"removed {path}")
             meter.update(number)
     finally:
@@ -538,35 +453,13 @@ def _remove_cow(out, paths):
     return removed
 
 
-def _reverted_subvolumes(xml_path, backup):
-    """The subvolumes, not in use, of the pools that the revert gives back
-    to the file driver, which knows none."""
-    with open(xml_path, "rb") as xml_file:
-        current = migrate.read_pools(xml_file.read())
-    with open(backup, "rb") as backup_file:
-        before = {
-            p.name: p.driver for p in migrate.read_pools(backup_file.read())
-        }
-    removals = []
-    for pool in current:
-        if pool.driver != driver_name() or before.get(pool.name) == pool.driver:
-            continue
-        if os.path.isdir(pool.dir_path):
-            scan = inspect.scan_pool(pool.dir_path)
-            removals += inspect.subvolume_removals(scan)
-    return removals
-
-
 def _revert(args, out, xml_path):
     """Put the newest backup back in place of qubes.xml."""
-    backups = layout.xml_backups(xml_path)
-    if not backups:
-        raise FileNotFoundError(f"no backup of {xml_path} made by migrate")
-    newest = backups[-1]
+    newest = migrate.newest_backup(xml_path)
     if args.apply and not args.force and inspect.qubesd_running():
         out.line("refusing: qubesd is running; stop it first (or --force)")
         return EXIT_REFUSED
-    subvolumes = _reverted_subvolumes(xml_path, newest)
+    subvolumes = migrate.reverted_subvolumes(xml_path, newest, driver_name())
     if not args.apply:
         for problem in subvolumes:
             out.line(f"would remove {problem.path} ({problem.message})")
@@ -575,12 +468,7 @@ def _revert(args, out, xml_path):
         out.data({"qubes_xml": xml_path, "backup": newest, "applied": False})
         return EXIT_OK
     _repair(out, subvolumes, remove_cow=False)
-    with open(newest, "rb") as backup_file:
-        data = backup_file.read()
-    fileops.write_file(
-        xml_path, data, layout.xml_temp(xml_path), like=os.stat(xml_path)
-    )
-    log.info("migrate: restored %s from %s", xml_path, newest)
+    migrate.restore(xml_path, newest)
     out.line(f"restored {xml_path} from {newest}")
     out.data({"qubes_xml": xml_path, "backup": newest, "applied": True})
     return EXIT_OK

@@ -12,7 +12,7 @@ import stat
 import subprocess
 from typing import NamedTuple
 
-from . import extents, layout
+from . import extents, judgement, layout
 
 # What a file's state can be.
 LIVE = "live"
@@ -21,6 +21,7 @@ STALE = "stale"
 #: them right now, which an offline tool can't see.
 STALE_IF_STOPPED = "stale if qubesd is stopped"
 IN_USE = "in use by a loop device"
+DAMAGED = "damaged"
 UNKNOWN = "unknown"  # a file whose name is not part of the layout
 
 #: Kinds whose files are VM images and should be mode 0600.
@@ -52,7 +53,8 @@ class FileInfo(NamedTuple):
     kind: str  # a layout kind, or UNKNOWN
     detail: str  # revision id, spare key, token, core leftover kind
     stat: os.stat_result  # lstat: a symbolic link is not followed
-    state: str  # LIVE, STALE, STALE_IF_STOPPED, IN_USE or UNKNOWN
+    state: str  # LIVE, STALE, STALE_IF_STOPPED, IN_USE, DAMAGED or UNKNOWN
+    verdict: judgement.Verdict = None  # the judgement of its name
 
 
 class PoolScan(NamedTuple):
@@ -185,63 +187,72 @@ def scan_pool(pool_dir, attached=None):
     """Every file of the pool's VM directories, classified, with its state.
 
     `attached`: (st_dev, st_ino) of files loop devices use (default: read
-    from /sys).  A spare is stale unless it is named for its own volume's
-    committed image (snapshot volumes keep none: one found there was left
-    by an older version); a base marker is stale when its volume is not
-    running.
+    from /sys).  What each file of a volume is, `judgement` says, as it
+    does for qubesd, from what an offline look can know: the committed
+    image's version, whether a running image exists; not the exports in
+    use, nor a snapshot volume's source.
     """
     if not os.path.isdir(pool_dir):
         raise NotADirectoryError(f"{pool_dir} is not a directory")
     if attached is None:
         attached = loop_backing_files()
-    found = list(_list_files(pool_dir))
-    keys = {
-        f"{vm_dir}/{entry.volume}": layout.spare_key(st)
-        for vm_dir, _, st, entry in found
-        if entry and entry.kind == layout.COMMITTED and stat.S_ISREG(st.st_mode)
-    }
-    running = {
-        f"{vm_dir}/{entry.volume}"
-        for vm_dir, _, _, entry in found
-        if entry and entry.kind in (layout.DIRTY, layout.RUNNING)
-    }
-    volumes, unknown = {}, []
-    for vm_dir, path, st, entry in found:
-        in_use = _identity(st) in attached
+    by_vid, unknown = {}, []
+    for vm_dir, path, st, entry in _list_files(pool_dir):
         if entry is None:
-            state = IN_USE if in_use else UNKNOWN
+            state = IN_USE if _identity(st) in attached else UNKNOWN
             unknown.append(FileInfo(path, "", UNKNOWN, "", st, state))
-            continue
-        vid = f"{vm_dir}/{entry.volume}"
-        state = IN_USE if in_use else _state(entry, vid, keys, running)
-        volumes.setdefault(vid, []).append(
-            FileInfo(path, vid, entry.kind, entry.detail, st, state)
-        )
-    for files in volumes.values():
-        files.sort(key=_sort_key)
-    return PoolScan(
-        pool_dir,
-        dict(sorted(volumes.items())),
-        unknown,
-        layout.trash_entries(pool_dir),
+        else:
+            vid = f"{vm_dir}/{entry.volume}"
+            by_vid.setdefault(vid, []).append((path, st, entry))
+    volumes = {
+        vid: sorted(_judged(vid, found, attached), key=_sort_key)
+        for vid, found in sorted(by_vid.items())
+    }
+    return PoolScan(pool_dir, volumes, unknown, layout.trash_entries(pool_dir))
+
+
+def _judged(vid, found, attached):
+    """FileInfo of each (path, lstat, entry) of one volume."""
+    items = [_item(path, st, entry) for path, st, entry in found]
+    verdicts = judgement.judge(items, _known(found))
+    for path, st, entry in found:
+        verdict = verdicts[path]
+        state = IN_USE if _identity(st) in attached else _STATES[verdict.state]
+        yield FileInfo(path, vid, entry.kind, entry.detail, st, state, verdict)
+
+
+def _item(path, st, entry):
+    regular = stat.S_ISREG(st.st_mode)
+    return judgement.Item(
+        path,
+        entry.kind,
+        entry.detail,
+        links=st.st_nlink if regular else 1,
+        regular=regular or entry.kind not in IMAGE_KINDS,
     )
 
 
-def _state(entry, vid, spare_keys, running):
-    kind = entry.kind
-    if kind in (layout.COMMITTED, layout.REVISION, layout.DIRTY):
-        return LIVE
-    if kind in (layout.RUNNING, layout.READY):
-        # a ready snapshot is of its source's version, which only qubes.xml
-        # names: the driver replaces a stale one after the source's commit
-        return LIVE
-    if kind in (layout.SPARE, layout.SNAPBASE):
-        return LIVE if spare_keys.get(vid) == entry.detail else STALE
-    if kind == layout.BASE:
-        return LIVE if vid in running else STALE
-    if kind == layout.COW:
-        return STALE
-    return STALE_IF_STOPPED  # temporary, export, import, core leftovers
+def _known(found):
+    """What an offline look knows of one volume besides its files."""
+    kinds = {entry.kind: st for _path, st, entry in found}
+    committed = kinds.get(layout.COMMITTED)
+    if committed is not None and not stat.S_ISREG(committed.st_mode):
+        committed = None
+    return judgement.Known(
+        committed=layout.spare_key(committed) if committed else None,
+        source=judgement.UNKNOWN_SOURCE,
+        running=layout.DIRTY in kinds or layout.RUNNING in kinds,
+        in_use=None,
+    )
+
+
+_STATES = {
+    judgement.LIVE: LIVE,
+    judgement.GARBAGE: STALE,
+    judgement.UNSURE: STALE_IF_STOPPED,
+    judgement.FOREIGN: STALE,
+    judgement.DAMAGE: DAMAGED,
+}
 
 
 def _sort_key(info):
@@ -307,15 +318,6 @@ def volume_status(files):
     }
 
 
-_GARBAGE = {
-    layout.TEMP: "incomplete temporary file",
-    layout.EXPORT: "export snapshot left behind",
-    layout.IMPORT: "unfinished import",
-    layout.CORE_LEFTOVER: "leftover of the core file-reflink driver",
-    layout.SNAPTEMP: "unfinished snapshot base (btrfs subvolume)",
-}
-
-
 def find_problems(scan):
     """Everything fsck reports, in path order, with the repair it allows.
 
@@ -336,6 +338,17 @@ def find_problems(scan):
     return sorted(problems)
 
 
+def pool_problems(pool_dir, with_subvolumes=False):
+    """What fsck reports of the pool in `pool_dir`; `with_subvolumes`:
+    also every subvolume of the pool (before switching to another driver),
+    which a repair then removes."""
+    scan = scan_pool(pool_dir)
+    problems = find_problems(scan)
+    if with_subvolumes:
+        problems = sorted(set(problems + subvolume_removals(scan)))
+    return problems
+
+
 def _volume_problems(files):
     revisions = _of_kind(files, layout.REVISION)
     if revisions and not _of_kind(files, layout.COMMITTED):
@@ -354,42 +367,33 @@ def _volume_problems(files):
 
 
 def _file_problems(info):
-    garbage = _garbage_problem(info) if info.state != IN_USE else None
-    if garbage is None and info.kind in IMAGE_KINDS:
-        garbage = _image_problem(info)
-    return [garbage] if garbage else []
+    problem = _judged_problem(info) if info.state != IN_USE else None
+    if problem is None and info.kind in IMAGE_KINDS:
+        problem = _image_problem(info)
+    return [problem] if problem else []
 
 
-def _garbage_problem(info):
-    if info.kind in _GARBAGE:
-        what = _GARBAGE[info.kind]
-        if info.kind == layout.CORE_LEFTOVER:
-            what = f"{info.detail} {what}"
-        return Problem(_removable(info), info.kind, what, REMOVE)
-    stale_kinds = (layout.SPARE, layout.BASE, layout.SNAPBASE)
-    if info.kind in stale_kinds and info.state == STALE:
-        what = {
-            layout.SPARE: "spare of no current committed image of its volume",
-            layout.BASE: "base marker of a volume that is not running",
-            layout.SNAPBASE: "snapshot base (btrfs subvolume) of no current "
-            "committed image of its volume",
-        }[info.kind]
-        return Problem(_removable(info), f"stale-{info.kind}", what, REMOVE)
-    if info.kind == layout.COW:
-        return Problem(
-            info.path,
-            layout.COW,
-            "copy-on-write image of the 'file' driver",
-            REMOVE_COW,
-        )
-    return None
+#: What --repair may do to a file by its judgement.
+_REPAIRS = {
+    judgement.GARBAGE: REMOVE,
+    judgement.UNSURE: REMOVE,
+    judgement.FOREIGN: REMOVE_COW,
+    judgement.DAMAGE: "",
+}
+
+
+def _judged_problem(info):
+    """The problem `judgement` finds with a file, if any."""
+    verdict = info.verdict
+    if verdict.state not in _REPAIRS:
+        return None
+    path = info.path if verdict.state == judgement.FOREIGN else _removable(info)
+    return Problem(path, verdict.code, verdict.reason, _REPAIRS[verdict.state])
 
 
 def _image_problem(info):
     if not stat.S_ISREG(info.stat.st_mode):
-        return Problem(
-            info.path, "not-regular", "not a regular file (left alone)", ""
-        )
+        return None  # a damaged file: judged so, or in use
     mode = stat.S_IMODE(info.stat.st_mode)
     if mode != 0o600:
         return Problem(

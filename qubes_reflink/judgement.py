@@ -52,7 +52,6 @@ class Known(NamedTuple):
     running: bool = False  # a running image exists
     #: exports and imports in use; None: unknown (qubesd may be using any)
     in_use: frozenset = None
-    has_committed: bool = True  # the volume's committed image exists
 
 
 class Verdict(NamedTuple):
@@ -60,10 +59,12 @@ class Verdict(NamedTuple):
 
     state: str  # LIVE, GARBAGE, UNSURE, DAMAGE or FOREIGN
     reason: str
+    code: str = ""  # what `fsck` calls it, unless it is live
 
 
 _ALWAYS_LIVE = {
     layout.COMMITTED: "committed image",
+    layout.REVISION: "revision",
     layout.DIRTY: "running image",
     layout.RUNNING: "running image (btrfs subvolume)",
 }
@@ -82,53 +83,57 @@ def judge(items, known):
 
 
 def _judge_one(item, known):
-    if not item.regular:
-        return Verdict(DAMAGE, "not a regular file (left alone)")
     if item.kind in _ALWAYS_LIVE:
-        return Verdict(LIVE, _ALWAYS_LIVE[item.kind])
-    if item.kind in _TEMPORARY:
-        return _temporary(item, known)
-    return _BY_KIND.get(item.kind, _versioned)(item, known)
-
-
-def _revision(_item, known):
-    if known.has_committed:
-        return Verdict(LIVE, "revision")
-    return Verdict(DAMAGE, "revision of a volume with no committed image")
+        verdict = Verdict(LIVE, _ALWAYS_LIVE[item.kind])
+    elif item.kind in _TEMPORARY:
+        verdict = _temporary(item, known)
+    else:
+        verdict = _BY_KIND.get(item.kind, _versioned)(item, known)
+    if verdict.state == LIVE and not item.regular:
+        return Verdict(DAMAGE, "not a regular file (left alone)", "not-regular")
+    return verdict
 
 
 def _temporary(item, known):
     what = _TEMPORARY[item.kind]
     if known.in_use is None:
-        return Verdict(UNSURE, what)
+        return Verdict(UNSURE, what, item.kind)
     if item.kind in (layout.EXPORT, layout.IMPORT) and item.path in (
         known.in_use
     ):
         return Verdict(LIVE, f"{item.kind} in use")
-    return Verdict(GARBAGE, what)
+    return Verdict(GARBAGE, what, item.kind)
 
 
 def _core_leftover(item, _known):
     # left by the core driver: qubesd may be that driver right now
     return Verdict(
-        UNSURE, f"{item.detail} leftover of the core file-reflink driver"
+        UNSURE,
+        f"{item.detail} leftover of the core file-reflink driver",
+        layout.CORE_LEFTOVER,
     )
 
 
 def _cow(_item, _known):
-    return Verdict(FOREIGN, "copy-on-write image of the 'file' driver")
+    return Verdict(
+        FOREIGN, "copy-on-write image of the 'file' driver", layout.COW
+    )
 
 
 def _base(_item, known):
     if known.running:
         return Verdict(LIVE, "base marker of the running image")
-    return Verdict(GARBAGE, "base marker of a volume that is not running")
+    return Verdict(
+        GARBAGE, "base marker of a volume that is not running", "stale-base"
+    )
 
 
 def _ready(item, known):
     if known.source in (UNKNOWN_SOURCE, item.detail):
         return Verdict(LIVE, "ready snapshot of the source's version")
-    return Verdict(GARBAGE, "ready snapshot of an older source version")
+    return Verdict(
+        GARBAGE, "ready snapshot of an older source version", "stale-ready"
+    )
 
 
 def _versioned(item, known):
@@ -141,6 +146,7 @@ def _versioned(item, known):
             GARBAGE,
             "spare with a second name (a VM's image since a start took "
             "it): only this name is removed",
+            "linked-spare",
         )
     if known.committed is not None and item.detail == known.committed:
         return Verdict(LIVE, f"{item.kind} of the committed image")
@@ -149,12 +155,13 @@ def _versioned(item, known):
         layout.SNAPBASE: "snapshot base (btrfs subvolume)",
     }[item.kind]
     return Verdict(
-        GARBAGE, f"{what} of no current committed image of its volume"
+        GARBAGE,
+        f"{what} of no current committed image of its volume",
+        f"stale-{item.kind}",
     )
 
 
 _BY_KIND = {
-    layout.REVISION: _revision,
     layout.CORE_LEFTOVER: _core_leftover,
     layout.COW: _cow,
     layout.BASE: _base,

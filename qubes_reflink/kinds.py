@@ -159,7 +159,6 @@ class Kind:
             source=None,
             running=listing.dirty or listing.running,
             in_use=self.volume.in_use(),
-            has_committed=listing.committed,
         )
 
     def remove_stale(self, listing):

@@ -406,20 +406,7 @@ class VolumeFiles:
 
     def scan(self):
         """List this volume's files, classified, in one directory read."""
-        found = {
-            COMMITTED: False,
-            DIRTY: False,
-            BASE: {},
-            REVISION: [],
-            SPARE: {},
-            SNAPBASE: {},
-            READY: {},
-            SNAPTEMP: [],
-            RUNNING: False,
-            TEMP: [],
-            EXPORT: [],
-            IMPORT: [],
-        }
+        found = _nothing_found()
         names = listdir(self.directory)  # no directory: no files
         own = (self.volume + ".", self.volume + "-")
         for name in names:
@@ -455,6 +442,15 @@ class VolumeFiles:
             exports=found[EXPORT],
             imports=found[IMPORT],
         )
+
+
+def _nothing_found():
+    """What `VolumeFiles.scan` fills in, by kind, before it looks."""
+    found = {kind: False for kind in (COMMITTED, DIRTY, RUNNING)}
+    found.update({kind: {} for kind in (BASE, SPARE, SNAPBASE, READY)})
+    found.update({kind: [] for kind in (REVISION, SNAPTEMP, TEMP)})
+    found.update({kind: [] for kind in (EXPORT, IMPORT)})
+    return found
 
 
 def _revision(rev_id, name, path):

@@ -8,14 +8,18 @@ formatting and the attributes' order stay as they were, so the edit is
 easy to review and to undo.
 """
 
+import logging
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from typing import NamedTuple
 from xml.parsers import expat
 
-from . import layout
+from . import fileops, inspect, layout
 from .inspect import IN_USE
+
+log = logging.getLogger("qubes.storage.reflink")
 
 DEFAULT_QUBES_XML = "/var/lib/qubes/qubes.xml"
 DEFAULT_RUN_DIR = "/var/run/qubes"
@@ -182,3 +186,135 @@ def cow_files(scan):
 def line_of(data, offset):
     """1-based line number of byte `offset` in `data`, for messages."""
     return data.count(b"\n", 0, offset) + 1
+
+
+# -- what a migration of a pool involves ------------------------------------
+
+#: Why a migration may not go ahead (`obstacle`).
+NO_REFLINK = "no-reflink"
+IN_USE_NOW = "in-use"
+
+
+def plan_pool(pool, data, setup_check=True, run_dir=DEFAULT_RUN_DIR):
+    """What migrating the `PoolElement` `pool` of qubes.xml `data`
+    involves, and what stands in the way (JSON-ready)."""
+    directory = os.path.realpath(pool.dir_path)
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"{pool.dir_path} is not a directory")
+    scan = inspect.scan_pool(directory)
+    reflink = None
+    if setup_check:
+        reflink = fileops.can_reflink(
+            layout.probe_path(directory), layout.probe_path(directory)
+        )
+    return {
+        "name": pool.name,
+        "dir_path": pool.dir_path,
+        "fstype": inspect.mount_of(directory)[1],
+        "line": line_of(data, pool.value_span[0]),
+        "reflink": reflink,
+        "busy": busy_volumes(pool.name, scan, run_dir),
+        "cow": cow_files(scan),
+    }
+
+
+def obstacle(plans, force=False, qubesd_matters=False):
+    """None if the migration of `plans` may go ahead, else NO_REFLINK or
+    IN_USE_NOW; `force` overrides the latter, and `qubesd_matters` (it is
+    about to be applied) makes a running qubesd one."""
+    if any(plan["reflink"] is False for plan in plans):
+        return NO_REFLINK
+    if force:
+        return None
+    if any(plan["busy"] for plan in plans):
+        return IN_USE_NOW
+    if qubesd_matters and inspect.qubesd_running():
+        return IN_USE_NOW
+    return None
+
+
+# -- carrying it out ---------------------------------------------------------
+
+
+def switch(xml_path, data, pools, driver):
+    """Back up qubes.xml (its bytes `data`), then replace it with the copy
+    where `pools` use `driver`; returns the backup's path."""
+    new = rewrite(data, pools, driver)
+    like = os.stat(xml_path)
+    backup = write_backup(xml_path, data, like)
+    with open(xml_path, "rb") as xml_file:
+        if xml_file.read() != data:
+            raise RuntimeError(f"{xml_path} changed while being migrated")
+    fileops.write_file(xml_path, new, layout.xml_temp(xml_path), like=like)
+    log.info(
+        "migrate: set driver %s of pools %s in %s",
+        driver,
+        ", ".join(p.name for p in pools),
+        xml_path,
+    )
+    return backup
+
+
+def write_backup(xml_path, data, like):
+    """A new backup file named after the time; never overwrites one."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for number in range(100):
+        backup = layout.xml_backup(xml_path, stamp, number)
+        try:
+            fileops.write_file(
+                backup,
+                data,
+                layout.xml_temp(xml_path),
+                like=like,
+                replace=False,
+            )
+            return backup
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many backups of {xml_path} this second")
+
+
+def remove_cow(paths):
+    """Remove the cow files `paths`; yields each path as it is gone."""
+    for path in paths:
+        fileops.remove_files([path])
+        yield path
+
+
+# -- going back ----------------------------------------------------------------
+
+
+def newest_backup(xml_path):
+    """The newest backup of `xml_path` that a migration wrote."""
+    backups = layout.xml_backups(xml_path)
+    if not backups:
+        raise FileNotFoundError(f"no backup of {xml_path} made by migrate")
+    return backups[-1]
+
+
+def reverted_subvolumes(xml_path, backup, driver):
+    """The subvolumes, not in use, of the pools that going back to
+    `backup` gives back from `driver` to the file driver, which knows
+    none: the problems a repair removes first."""
+    with open(xml_path, "rb") as xml_file:
+        current = read_pools(xml_file.read())
+    with open(backup, "rb") as backup_file:
+        before = {p.name: p.driver for p in read_pools(backup_file.read())}
+    removals = []
+    for pool in current:
+        if pool.driver != driver or before.get(pool.name) == pool.driver:
+            continue
+        if os.path.isdir(pool.dir_path):
+            scan = inspect.scan_pool(pool.dir_path)
+            removals += inspect.subvolume_removals(scan)
+    return removals
+
+
+def restore(xml_path, backup):
+    """Put `backup` back in place of qubes.xml, atomically."""
+    with open(backup, "rb") as backup_file:
+        data = backup_file.read()
+    fileops.write_file(
+        xml_path, data, layout.xml_temp(xml_path), like=os.stat(xml_path)
+    )
+    log.info("migrate: restored %s from %s", xml_path, backup)

@@ -336,6 +336,44 @@ async def test_spare_in_a_snapshot_volume_dir_is_stale(reflink_dir, capsys):
     assert os.path.exists(os.path.join(template_dir, spare))
 
 
+async def test_fsck_removes_the_name_of_a_spare_a_power_cut_left_linked(
+    reflink_dir, capsys
+):
+    """The state docs/DESIGN.md describes: a start took the template's
+    spare as an AppVM's running image, and a power cut left the spare's
+    name too.  fsck names the spare (exit 1); --repair removes that name
+    only, and the AppVM's image keeps its inode and data."""
+    root = await make_pool(reflink_dir)
+    template_dir = os.path.join(root, "vm-templates", "fedora")
+    (name,) = [n for n in os.listdir(template_dir) if "~spare." in n]
+    spare = os.path.join(template_dir, name)
+    running = os.path.join(root, "appvms", "work", "root-dirty.img")
+    os.link(spare, running)
+    before = identities(root)
+    code, report = run_json(capsys, "fsck", root)
+    assert code == 1
+    assert [
+        (p["path"], p["code"], p["repair"]) for p in report["problems"]
+    ] == [(spare, "linked-spare", "remove")]
+    assert identities(root) == before
+    code, report = run_json(capsys, "status", root)
+    (template,) = [
+        v for v in report["volumes"] if v["vid"] == "vm-templates/fedora/root"
+    ]
+    states = {o["path"]: o["state"] for o in template["other"]}
+    assert states[spare] == "stale"
+    code, out = run(capsys, "fsck", "--repair", root)
+    assert code == 0 and f"removed: {spare}" in out
+    after = identities(root)
+    assert set(before) - set(after) == {f"vm-templates/fedora/{name}"}
+    assert (
+        after["appvms/work/root-dirty.img"]
+        == before["appvms/work/root-dirty.img"]
+    )
+    assert os.stat(running).st_nlink == 1
+    assert run(capsys, "fsck", root) == (0, "0 problems\n")
+
+
 async def test_fsck_never_touches_revisions_without_committed(
     btrfs_dir, capsys
 ):
