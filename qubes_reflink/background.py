@@ -171,7 +171,15 @@ class Background:
             await asyncio.wait([task])
 
     async def wait(self):
-        """Wait until no volume of the pool is being prepared."""
-        tasks = [s.task for s in self._live.values() if s.task is not None]
-        if tasks:
+        """Wait until no volume of the pool is being prepared, including
+        the work the preparations ask for (a new snapbase renews the ready
+        snapshots of its dependents)."""
+        while True:
+            tasks = [
+                state.task
+                for state in self._live.values()
+                if state.task is not None and not state.task.done()
+            ]
+            if not tasks:
+                return
             await asyncio.wait(tasks)

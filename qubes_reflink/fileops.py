@@ -232,7 +232,8 @@ def _same_version(stat_a, stat_b):
 
 
 def _fill(dst_fd, dst, src, size, expected=None):
-    """Fill the new file `dst` with `src`'s data, then grow it to `size`.
+    """Fill the new file `dst` with `src`'s data, then give it `size` bytes
+    (grown with zeros, or cut).
 
     With `expected` (an os.stat_result), refuse with SourceChanged unless
     the file opened is still that version.
@@ -247,7 +248,7 @@ def _fill(dst_fd, dst, src, size, expected=None):
         if not _try_clone(src_fd, dst_fd, src, dst):
             _sparse_copy(src_fd, dst_fd, src, dst)
             method = "copy"
-        if size is not None and size > os.fstat(dst_fd).st_size:
+        if size is not None and size != os.fstat(dst_fd).st_size:
             _truncate(dst_fd, dst, size)
         return method
     finally:
@@ -441,8 +442,9 @@ def _fsync_dirs(*paths):
             fsync_dir(directory)
 
 
-def grow(path, size):
-    """Grow the file `path` to `size` bytes in place, durably."""
+def resize_in_place(path, size):
+    """Give the file `path` `size` bytes in place (grown with zeros, or
+    cut), durably."""
     fd = _open_existing(path, os.O_WRONLY)
     try:
         _truncate(fd, path, size)

@@ -192,25 +192,40 @@ class Kind:
 
     # -- changes to committed data -------------------------------------------
 
-    def grow(self, size):
-        """Grow the running image in place, else (a saving kind) the
-        committed one by a copy; True if it made a new committed image."""
+    def resize(self, size):
+        """Give the running image `size` bytes in place (its loop device
+        sees it), else, for a saving kind, a new committed image of `size`
+        bytes; True if it made one."""
         running = self.volume.path
         if os.path.exists(running):
             guards.check_own_image(running)
-            fileops.grow(running, size)
+            fileops.resize_in_place(running, size)
             fileops.refresh_loop_devices(running)
             return False
-        if self.saves and os.path.exists(self.files.committed):
+        files = self.files
+        current = fileops.stat_or_none(files.committed)
+        if not self.saves or current is None:
+            return False
+        if size > current.st_size:
             # committed data is never changed in place: grow a copy
             fileops.publish_copy(
-                self.files.committed,
-                self.files.committed,
-                self.files.temp(),
-                size=size,
+                files.committed, files.committed, files.temp(), size=size
             )
-            return True
-        return False
+        else:
+            self._shrink_committed(size)
+        return True
+
+    def _shrink_committed(self, size):
+        """Commit a copy cut to `size`: the old image becomes a revision,
+        even where none are kept, so that a revert undoes the shrink (the
+        next commit prunes it)."""
+        cut = self.files.temp()
+        fileops.make_copy(self.files.committed, cut, size=size)
+        try:
+            keep = max(self.volume.revisions_to_keep, 1)
+            self.revisions.commit(cut, keep, self.files.scan())
+        finally:
+            fileops.remove_files([cut])
 
     def commit(self, new_image):
         """Make `new_image` the committed image (an import)."""

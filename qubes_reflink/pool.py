@@ -41,6 +41,20 @@ def driver_name():
 class ReflinkPool(Pool):
     """A directory on a reflink filesystem holding VM images as files."""
 
+    def __new__(cls, *args, **kwargs):
+        """Refuse a pool without dir_path with a message that says what to
+        give: R4.2's admin.pool.Add passes only the options a user gave,
+        and Python's own TypeError would reach the user instead.  (Only
+        `__init__`'s signature is what the host reads for the options.)"""
+        if "dir_path" not in kwargs:
+            name = kwargs.get("name", "NAME")
+            raise StoragePoolException(
+                f"Pool {name!r} needs the option dir_path, the directory "
+                "that holds its images: qvm-pool add "
+                f"{name} {driver_name()} -o dir_path=/var/lib/qubes/{name}"
+            )
+        return super().__new__(cls)
+
     def __init__(
         self,
         *,

@@ -207,21 +207,21 @@ class ReflinkVolume(DataTransferMixin, Volume):
 
     @locked
     async def resize(self, size):
-        """Grow the volume, running or not; shrinking is refused."""
+        """Grow or shrink the volume, running or not.
+
+        Shrinking cuts the data at the end: the admin client is where a
+        user is warned (the next release's host no longer refuses it in
+        its drivers).  A stopped volume's old committed image is kept as
+        a revision, so a revert undoes a shrink; a running image is cut in
+        place, and its loop device sees the new size.
+        """
         size = options.parse_size(size)
         if not self.rw:
             raise StoragePoolException(
                 f"Cannot resize volume {self.vid}: it is read-only"
             )
-        current = self.size
-        if size < current:
-            raise StoragePoolException(
-                f"Cannot shrink volume {self.vid} from {current} to {size} "
-                "bytes: shrinking would destroy data at its end; shrink the "
-                "filesystem inside the VM and copy it to a new volume instead"
-            )
-        if size > current:
-            if await self._run("Resizing", self.kind.grow, size):
+        if size != self.size:
+            if await self._run("Resizing", self.kind.resize, size):
                 self.pool.background.committed(self)
         self._size = size
         return self

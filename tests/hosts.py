@@ -39,6 +39,13 @@ class Release:
     qubes: str
     tag: str
     python: str
+    #: the `make rpm RELEASE=` whose package this host loads
+    rpm: str = None
+
+    @property
+    def rpm_release(self):
+        """The release the dom0 package for this host is built for."""
+        return self.rpm or self.qubes
 
     @property
     def id(self):  # pylint: disable=invalid-name
@@ -68,6 +75,8 @@ class Release:
 RELEASES = (
     Release("R4.2", "v4.2.39", "3.11"),
     Release("R4.3", "v4.3.50", "3.13"),
+    # the development branch: the next release's host
+    Release("next", "main-1ad5f9b8", "3.13", rpm="R4.3"),
 )
 
 

@@ -148,6 +148,15 @@ class OriginModel:
         self.gen = next(_VERSIONS) if version is None else version
         self._prune()
 
+    def shrink(self, size, ts):
+        """A stopped origin's shrink: a commit of the data cut to `size`
+        that keeps the old data as a revision even where none are kept."""
+        rtk, self.rtk = self.rtk, max(self.rtk, 1)
+        try:
+            self.commit(self.committed[:size], ts)
+        finally:
+            self.rtk = rtk
+
     def revert(self, rev):
         """Make revision `rev` the committed data (that very version: a
         snapshot started from it is up to date again)."""
@@ -517,7 +526,7 @@ class ReflinkMachine(RuleBasedStateMachine):
         return Plan(coro, apply, expect_error=fails)
 
     def plan_resize(self, name, data):
-        """Grow (or try to shrink) one volume, running or not."""
+        """Grow or shrink one volume, running or not."""
         running = self.running[name]
         models = [
             m
@@ -526,25 +535,26 @@ class ReflinkMachine(RuleBasedStateMachine):
         ]
         model = data.draw(st.sampled_from(models))
         current = model.size(self)
-        grow = data.draw(st.integers(-1, 3))
-        new = min(current + grow * UNIT, MAX_UNITS * UNIT)
-        new = max(new, current) if grow >= 0 else current - UNIT
+        change = data.draw(st.integers(-2, 3))
+        new = min(max(current + change * UNIT, UNIT), MAX_UNITS * UNIT)
 
         async def coro():
             await model.volume.resize(new)
 
         def apply(_result):
-            extra = bytes(new - current)
             if model.running is not None:
-                model.running += extra
-            elif model.kind == "origin" and extra:
-                model.committed += extra
+                model.running = model.running[:new]
+                model.running += bytes(new - len(model.running))
+            elif model.kind == "origin" and new > current:
+                model.committed += bytes(new - current)
                 model.ts = _mtime(model.path)
                 model.gen = next(_VERSIONS)
+            elif model.kind == "origin" and new < current:
+                model.shrink(new, _mtime(model.path))
             if model.kind == "volatile":
                 model.length = new
 
-        return Plan(coro, apply, expect_error=new < current)
+        return Plan(coro, apply)
 
     def plan_export(self, name, data):
         """export(), read everything, export_end()."""

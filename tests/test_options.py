@@ -1,6 +1,8 @@
 """Pool and volume options as they arrive from qvm-pool and qubes.xml:
 strings, parsed with clear errors naming the option."""
 
+import inspect
+
 import pytest
 
 from helpers import FakeVM
@@ -70,8 +72,10 @@ def test_dir_path_invalid(value):
 
 
 def test_dir_path_required():
-    with pytest.raises(TypeError):
-        ReflinkPool(name="p")  # pylint: disable=missing-kwoa
+    """qvm-pool reads the options from __init__'s signature: dir_path has
+    no default there, so it is listed as required."""
+    dir_path = inspect.signature(ReflinkPool.__init__).parameters["dir_path"]
+    assert dir_path.default is inspect.Parameter.empty
 
 
 def test_dir_path_normalised():
@@ -199,3 +203,11 @@ def test_volume_option_garbage(option, value):
     with pytest.raises(StoragePoolException) as info:
         pool.init_volume(FakeVM("work"), {"name": "private", option: value})
     assert option in str(info.value) or "size" in str(info.value)
+
+
+def test_missing_dir_path_says_what_to_give():
+    """R4.2's admin.pool.Add passes only the options given: a pool without
+    dir_path is refused with the command to use, not a TypeError."""
+    with pytest.raises(StoragePoolException, match="-o dir_path="):
+        # pylint: disable-next=missing-kwoa
+        ReflinkPool(name="mypool", revisions_to_keep="1")

@@ -310,7 +310,7 @@ def release_rpm(request, tmp_path_factory):
         [
             "make",
             "rpm",
-            f"RELEASE={release.qubes}",
+            f"RELEASE={release.rpm_release}",
             f"RPM_TOPDIR={topdir}",
             f"PYTHON={sys.executable}",
         ],

@@ -117,26 +117,60 @@ async def test_resize_running_with_loop_device(pool, kind):
         await volume.stop()
 
 
-@pytest.mark.parametrize("running", [False, True])
-async def test_shrink_refused(pool, running):
-    volume = origin(pool, FakeVM("work"), size=2 * MIB)
+@pytest.mark.parametrize("rtk", [0, 1, 2])
+async def test_shrink_stopped_origin_keeps_the_old_image(pool, rtk):
+    """A stopped volume's shrink commits a cut copy: the old image becomes
+    the newest revision (kept even with revisions_to_keep 0), so a revert
+    undoes the shrink, data at the end included."""
+    volume = origin(pool, FakeVM("work"), size=2 * MIB, revisions_to_keep=rtk)
     await volume.create()
-    if running:
-        await volume.start()
-        write_image(dirty(volume), data("x"), 2 * MIB - CHUNK)
-    before = await settled_tree(pool)
-    with pytest.raises(StoragePoolException, match="shrink"):
+    await volume.start()
+    write_image(dirty(volume), data("head"))
+    write_image(dirty(volume), data("tail"), 2 * MIB - CHUNK)
+    await volume.stop()
+    old = os.stat(committed(volume))
+    await volume.resize(MIB)
+    assert os.stat(committed(volume)).st_size == MIB
+    assert read_image(committed(volume), CHUNK) == data("head")
+    assert volume.size == MIB
+    newest = list(volume.revisions)[-1]
+    kept = [p for p in os.listdir(os.path.dirname(committed(volume)))]
+    (rev_name,) = [n for n in kept if n.startswith(f"private.img.{newest}@")]
+    rev_path = os.path.join(os.path.dirname(committed(volume)), rev_name)
+    assert os.stat(rev_path).st_ino == old.st_ino  # the old image itself
+    await volume.revert(newest)
+    assert os.stat(committed(volume)).st_size == 2 * MIB
+    assert read_image(committed(volume), CHUNK, 2 * MIB - CHUNK) == data("tail")
+    await pool.wait_background()
+    await volume.start()
+    assert read_image(dirty(volume), CHUNK, 2 * MIB - CHUNK) == data("tail")
+    await volume.stop()
+
+
+@pytest.mark.parametrize("kind", ["origin", "snapshot", "volatile"])
+async def test_shrink_running_cuts_the_image_and_its_loop_device(pool, kind):
+    template = origin(pool, FakeVM("tpl", "vm-templates"), "root", 2 * MIB)
+    await template.create()
+    vm = FakeVM("app")
+    volume = {
+        "origin": lambda: origin(pool, vm, size=2 * MIB),
+        "snapshot": lambda: snapshot(pool, vm, template),
+        "volatile": lambda: volatile(pool, vm, size=2 * MIB),
+    }[kind]()
+    await volume.create()
+    await volume.start()
+    write_image(dirty(volume), data("kept"))
+    with loop_device(dirty(volume)) as device:
+        assert device_size(device) == 2 * MIB
         await volume.resize(MIB)
-    with pytest.raises(StoragePoolException, match="shrink"):
-        await volume.resize(0)
-    assert await settled_tree(pool) == before
-    assert volume.size == 2 * MIB
-    if running:
-        with loop_device(dirty(volume)) as device:
-            with pytest.raises(StoragePoolException):
-                await volume.resize(MIB)
-            assert device_size(device) == 2 * MIB
-        await volume.stop()
+        assert os.stat(dirty(volume)).st_size == MIB
+        assert device_size(device) == MIB
+        assert volume.size == MIB
+    assert read_image(dirty(volume), CHUNK) == data("kept")
+    await volume.stop()
+    if kind == "origin":
+        assert os.stat(committed(volume)).st_size == MIB
+        assert read_image(committed(volume), CHUNK) == data("kept")
 
 
 @pytest.mark.parametrize("size", [-1, "-1", -MIB, "abc", "1.5", None])
