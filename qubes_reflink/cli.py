@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-from . import fileops, inspect, layout, migrate, repair
+from . import fileops, inspect, layout, migrate, qubesxml, repair, revisions
+from . import settings
 from .pool import driver_name
 
 EXIT_OK = 0
@@ -51,6 +52,24 @@ examples:
 examples:
   qubes-reflink fsck /var/lib/qubes
   systemctl stop qubesd; qubes-reflink fsck --repair /var/lib/qubes
+""",
+    "pin": """\
+examples:
+  qubes-reflink status /var/lib/qubes          # revision ids per volume
+  qubes-reflink pin /var/lib/qubes appvms/work/private 3
+""",
+    "unpin": """\
+examples:
+  qubes-reflink unpin /var/lib/qubes appvms/work/private 3
+""",
+    "cancel-revert": """\
+examples:
+  qubes-reflink cancel-revert /var/lib/qubes appvms/work/private
+""",
+    "set": """\
+examples:
+  qubes-reflink set /var/lib/qubes keep_revision_older_than=86400
+  qubes-reflink set /var/lib/qubes keep_revision_older_than=0   # off
 """,
     "migrate": """\
 examples:
@@ -245,6 +264,12 @@ def _print_volume(out, volume):
         out.line(
             f"  revision {rev['id']:<4}{rev['timestamp']}Z, "
             f"{out.size(rev['allocated'])} allocated"
+            + (", pinned" if rev["pinned"] else "")
+        )
+    if volume["pending_revert"] is not None:
+        out.line(
+            f"  revert to revision {volume['pending_revert']} at the VM's "
+            "stop (cancel with 'qubes-reflink cancel-revert')"
         )
     for other in volume["other"]:
         name = os.path.basename(other["path"])
@@ -280,7 +305,8 @@ def _du_line(out, label, usage, indent=""):
 
 def _du_label(row):
     if row["kind"] == layout.REVISION:
-        return f"revision {row['detail']} ({row['timestamp']}Z)"
+        pinned = ", pinned" if row["pinned"] else ""
+        return f"revision {row['detail']} ({row['timestamp']}Z{pinned})"
     if row["kind"] == layout.SPARE:
         return f"spare ({row['state']})"
     return row["kind"]
@@ -294,6 +320,80 @@ def _print_du(out, report):
         for row in volume["files"]:
             _du_line(out, _du_label(row), row, indent="  ")
     _du_line(out, f"total ({len(report['volumes'])} volumes)", report["total"])
+
+
+# -- revisions -------------------------------------------------------------
+
+
+def cmd_pin(args, out):
+    """Keep a revision whatever the count: pruning never takes it."""
+    files = _volume_files(args)
+    layout.check_revision_id(args.revision)
+    keep = qubesxml.revisions_to_keep(args.qubes_xml, files.pool_dir, args.vid)
+    if keep == -1:
+        raise ValueError(
+            f"volume {args.vid} keeps no revisions (revisions_to_keep -1: "
+            "snapshots disabled): give it revisions first, e.g. "
+            f"'qvm-volume config VM:VOLUME revisions_to_keep 1'"
+        )
+    made = revisions.pin(files, args.revision)
+    state = "pinned" if made else "was pinned already"
+    out.line(f"{args.vid}: revision {args.revision} {state}")
+    out.data({"vid": args.vid, "revision": args.revision, "pinned": True})
+    return EXIT_OK
+
+
+def cmd_unpin(args, out):
+    """Make a pinned revision ordinary again."""
+    files = _volume_files(args)
+    layout.check_revision_id(args.revision)
+    revisions.unpin(files, args.revision)
+    out.line(
+        f"{args.vid}: revision {args.revision} unpinned (pruned at the next "
+        "commit if it is beyond revisions_to_keep)"
+    )
+    out.data({"vid": args.vid, "revision": args.revision, "pinned": False})
+    return EXIT_OK
+
+
+def cmd_cancel_revert(args, out):
+    """Drop the revert a running volume would carry out at its stop."""
+    files = _volume_files(args)
+    cancelled = revisions.cancel_revert(files)
+    if cancelled is None:
+        out.line(f"{args.vid}: no revert is pending")
+    else:
+        out.line(f"{args.vid}: the revert to revision {cancelled} is cancelled")
+    out.data({"vid": args.vid, "cancelled": cancelled})
+    return EXIT_OK
+
+
+def cmd_set(args, out):
+    """Change a pool setting while qubesd runs (see `settings`)."""
+    pool_dir = _existing_dir(args.pool_dir)
+    key, sep, value = args.setting.partition("=")
+    if not sep:
+        raise ValueError(
+            f"give the setting as KEY=VALUE, e.g. "
+            f"{settings.KEEP_REVISION_OLDER_THAN}=86400"
+        )
+    parsed = settings.store(pool_dir, key, value)
+    out.line(f"{pool_dir}: {key}={parsed} (in effect at the next prune)")
+    out.data({"pool_dir": pool_dir, key: parsed})
+    return EXIT_OK
+
+
+def _volume_files(args):
+    """The files of the volume VID of the pool DIR_PATH, which must exist."""
+    pool_dir = _existing_dir(args.pool_dir)
+    files = layout.VolumeFiles(pool_dir, args.vid)
+    listing = files.scan()
+    if not (listing.committed or listing.revisions or listing.dirty):
+        raise LookupError(
+            f"no volume {args.vid} in {pool_dir} (list them with "
+            f"'qubes-reflink status {pool_dir}')"
+        )
+    return files
 
 
 # -- fsck -----------------------------------------------------------------
@@ -566,6 +666,7 @@ def build_parser():
         help="only these volumes (appvms/VM/VOLUME, ...)",
     )
     _add_fsck(subparsers)
+    _add_revisions(subparsers)
     _add_migrate(subparsers)
     return parser
 
@@ -603,6 +704,46 @@ def _add_fsck(subparsers):
         "--force",
         action="store_true",
         help="repair even though qubesd seems to be running",
+    )
+
+
+def _add_revisions(subparsers):
+    for name, help_text, func in (
+        ("pin", "keep a revision whatever revisions_to_keep says", cmd_pin),
+        ("unpin", "make a pinned revision ordinary again", cmd_unpin),
+    ):
+        parser = _subparser(subparsers, name, help_text, func)
+        _volume_arguments(parser)
+        parser.add_argument(
+            "revision", help="revision id, as 'qvm-volume info' lists it"
+        )
+    cancel = _subparser(
+        subparsers,
+        "cancel-revert",
+        "drop the revert a running volume would carry out at its stop",
+        cmd_cancel_revert,
+    )
+    _volume_arguments(cancel)
+    setting = _subparser(
+        subparsers,
+        "set",
+        "change a pool setting while qubesd runs (keep_revision_older_than: "
+        "seconds; pruning keeps the newest revision at least that old)",
+        cmd_set,
+    )
+    setting.add_argument("pool_dir", help="the pool's dir_path")
+    setting.add_argument("setting", metavar="KEY=VALUE")
+
+
+def _volume_arguments(parser):
+    parser.add_argument("pool_dir", help="the pool's dir_path")
+    parser.add_argument("vid", metavar="VID", help="appvms/VM/VOLUME, ...")
+    parser.add_argument(
+        "--qubes-xml",
+        default=migrate.DEFAULT_QUBES_XML,
+        metavar="PATH",
+        help="qubes.xml to read the volume's settings from "
+        "(default: %(default)s)",
     )
 
 

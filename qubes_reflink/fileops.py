@@ -454,6 +454,24 @@ def resize_in_place(path, size):
     log.info("resized %s to %d bytes", path, size)
 
 
+@contextlib.contextmanager
+def directory_lock(path):
+    """Hold an exclusive lock on the directory `path` (flock), between
+    processes: qubesd pruning revisions and the qubes-reflink tool pinning
+    one, for instance, must not interleave.  A missing directory is no
+    lock, and nothing to protect."""
+    try:
+        fd = os.open(path, _DIRECTORY_NOFOLLOW)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def make_dirs(path):
     """Create directory `path` and missing parents; return those created."""
     created = []

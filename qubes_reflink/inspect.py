@@ -36,6 +36,8 @@ IMAGE_KINDS = (
     layout.SNAPBASE,
 )
 _ORDER = IMAGE_KINDS + (
+    layout.PIN,
+    layout.REVERT,
     layout.SNAPTEMP,
     layout.TEMP,
     layout.EXPORT,
@@ -243,6 +245,11 @@ def _known(found):
         source=judgement.UNKNOWN_SOURCE,
         running=layout.DIRTY in kinds or layout.RUNNING in kinds,
         in_use=None,
+        revisions=frozenset(
+            entry.detail
+            for _path, _st, entry in found
+            if entry.kind == layout.REVISION
+        ),
     )
 
 
@@ -287,6 +294,8 @@ def volume_status(files):
     """What status shows of one volume, as plain data (JSON-ready)."""
     committed = _of_kind(files, layout.COMMITTED)
     dirty = _of_kind(files, layout.DIRTY) + _of_kind(files, layout.RUNNING)
+    pinned = {info.detail for info in _of_kind(files, layout.PIN)}
+    reverts = _of_kind(files, layout.REVERT)
     revisions = []
     for info in _of_kind(files, layout.REVISION):
         entry = _image(info)
@@ -294,6 +303,7 @@ def volume_status(files):
         entry["timestamp"] = layout.revision_timestamp(
             os.path.basename(info.path)
         )
+        entry["pinned"] = info.detail in pinned
         revisions.append(entry)
     others = [
         {
@@ -304,8 +314,7 @@ def volume_status(files):
             "allocated": info.stat.st_blocks * 512,
         }
         for info in files
-        if info.kind
-        not in (layout.COMMITTED, layout.DIRTY, layout.RUNNING, layout.REVISION)
+        if info.kind not in _SHOWN_APART
     ]
     return {
         "vid": files[0].vid,
@@ -314,8 +323,27 @@ def volume_status(files):
         "committed": _image(committed[0] if committed else None),
         "dirty": _image(dirty[0] if dirty else None),
         "revisions": revisions,
+        "pending_revert": _newest(reverts),
         "other": others,
     }
+
+
+#: Kinds status shows in fields of their own, not among the others.
+_SHOWN_APART = (
+    layout.COMMITTED,
+    layout.DIRTY,
+    layout.RUNNING,
+    layout.REVISION,
+    layout.PIN,
+)
+
+
+def _newest(reverts):
+    """The revision id of the newest revert request, or None."""
+    live = [info for info in reverts if info.state == LIVE]
+    if not live:
+        return None
+    return max(live, key=lambda i: (i.stat.st_mtime_ns, i.detail)).detail
 
 
 def find_problems(scan):
@@ -463,7 +491,11 @@ def disk_usage(scan, vids=None, progress=None):
         if vid not in scan.volumes:
             raise KeyError(vid)
     files = {
-        vid: [i for i in scan.volumes[vid] if stat.S_ISREG(i.stat.st_mode)]
+        vid: [
+            i
+            for i in scan.volumes[vid]
+            if stat.S_ISREG(i.stat.st_mode) and i.kind not in _MARKERS
+        ]
         for vid in chosen
     }
     maps = extents.ExtentMaps()
@@ -473,23 +505,29 @@ def disk_usage(scan, vids=None, progress=None):
             progress(number)
     per_file, total = maps.measure()
     volumes = [
-        _du_volume(vid, infos, per_file, maps) for vid, infos in files.items()
+        _du_volume(vid, infos, per_file, maps, _pinned(scan.volumes[vid]))
+        for vid, infos in files.items()
     ]
     return {"volumes": volumes, "total": total._asdict()}
 
 
-def _du_volume(vid, infos, per_file, maps):
+#: Empty files naming a revision: no data, no row in du.
+_MARKERS = (layout.PIN, layout.REVERT)
+
+
+def _pinned(files):
+    return {info.detail for info in files if info.kind == layout.PIN}
+
+
+def _du_volume(vid, infos, per_file, maps, pinned):
     """One volume's rows and total, of its files still there when read."""
     present = [info for info in infos if info.path in per_file]
     total = maps.measure(info.path for info in present)[1]
-    return {
-        "vid": vid,
-        "files": [_du_row(info, per_file[info.path]) for info in present],
-        "total": total._asdict(),
-    }
+    rows = [_du_row(info, per_file[info.path], pinned) for info in present]
+    return {"vid": vid, "files": rows, "total": total._asdict()}
 
 
-def _du_row(info, usage):
+def _du_row(info, usage, pinned):
     row = {
         "path": info.path,
         "kind": info.kind,
@@ -500,6 +538,7 @@ def _du_row(info, usage):
         row["timestamp"] = layout.revision_timestamp(
             os.path.basename(info.path)
         )
+        row["pinned"] = info.detail in pinned
     row.update(usage._asdict())
     return row
 

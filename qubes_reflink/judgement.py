@@ -52,6 +52,8 @@ class Known(NamedTuple):
     running: bool = False  # a running image exists
     #: exports and imports in use; None: unknown (qubesd may be using any)
     in_use: frozenset = None
+    #: ids of the volume's revisions (what pins and revert requests name)
+    revisions: frozenset = frozenset()
 
 
 class Verdict(NamedTuple):
@@ -161,7 +163,20 @@ def _versioned(item, known):
     )
 
 
+def _marker(item, known):
+    """A pin or a pending revert names a revision: worth keeping while it
+    exists (a revert to an unpinned revision renames it away)."""
+    what = {layout.PIN: "pin", layout.REVERT: "revert request"}[item.kind]
+    if item.detail in known.revisions:
+        return Verdict(LIVE, f"{what} of revision {item.detail}")
+    return Verdict(
+        GARBAGE, f"{what} of no revision of its volume", f"stale-{item.kind}"
+    )
+
+
 _BY_KIND = {
+    layout.PIN: _marker,
+    layout.REVERT: _marker,
     layout.CORE_LEFTOVER: _core_leftover,
     layout.COW: _cow,
     layout.BASE: _base,
@@ -185,6 +200,8 @@ def items_of(listing, links):
         (layout.BASE, listing.base),
         (layout.SNAPBASE, listing.snapbases),
         (layout.READY, listing.readies),
+        (layout.PIN, listing.pins),
+        (layout.REVERT, listing.reverts),
     ):
         items += [layout_item(kind, p, key) for key, p in by_key.items()]
     items += [

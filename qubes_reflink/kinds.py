@@ -22,9 +22,12 @@ import os
 
 from . import fileops, guards, judgement, layout, spares
 from .host import StoragePoolException
-from .revisions import Revisions
+from .revisions import Policy, Revisions
 
 log = logging.getLogger("qubes.storage.reflink")
+
+#: Snapshots disabled: no revision is kept (pinned ones excepted).
+NO_REVISIONS = Policy(keep=0)
 
 
 class Kind:
@@ -115,6 +118,8 @@ class Kind:
             + list(listing.spares.values())
             + listing.imports  # an import in progress ends with us
             + [rev.path for rev in listing.revisions]
+            + list(listing.pins.values())
+            + list(listing.reverts.values())
             + [files.committed]
         )
         fileops.remove_empty_dirs([files.directory])
@@ -159,6 +164,7 @@ class Kind:
             source=None,
             running=listing.dirty or listing.running,
             in_use=self.volume.in_use(),
+            revisions=frozenset(rev.id for rev in listing.revisions),
         )
 
     def remove_stale(self, listing):
@@ -222,24 +228,31 @@ class Kind:
         cut = self.files.temp()
         fileops.make_copy(self.files.committed, cut, size=size)
         try:
-            keep = max(self.volume.revisions_to_keep, 1)
-            self.revisions.commit(cut, keep, self.files.scan())
+            policy = self.policy()
+            policy = policy._replace(keep=max(policy.keep, 1))
+            self.revisions.commit(cut, policy, self.files.scan())
         finally:
             fileops.remove_files([cut])
 
-    def commit(self, new_image):
-        """Make `new_image` the committed image (an import)."""
-        self.revisions.commit(
-            new_image, self.volume.revisions_to_keep, self.files.scan()
+    def policy(self):
+        """What pruning keeps for this volume now."""
+        return Policy(
+            self.volume.revisions_to_keep, self.pool.keep_revision_older_than
         )
 
+    def commit(self, new_image):
+        """Make `new_image` the committed image (an import)."""
+        self.revisions.commit(new_image, self.policy(), self.files.scan())
+
     def revert(self, revision):
-        """Make `revision` (None: the newest) the committed data; the
-        current committed data becomes a revision itself."""
-        self.refuse_if_running("revert")
-        listing = self.files.scan()
-        path = self.revisions.choose(revision, listing.revisions)
-        self.revisions.commit(path, self.volume.revisions_to_keep, listing)
+        """Make `revision` (None: the newest) the committed data, at once
+        (the current committed data becomes a revision itself), or, while
+        the volume runs, at its stop.  True if it committed now."""
+        if os.path.exists(self.files.dirty):
+            self.revisions.request_revert(revision)
+            return False
+        self.revisions.revert(revision, self.policy())
+        return True
 
     def refuse_if_running(self, action):
         """Refuse `action` while a running image exists."""
@@ -251,17 +264,18 @@ class Kind:
             )
 
     def commit_running(self, listing):
-        """Stop of a saving kind: commit the running image, if any."""
+        """Stop of a saving kind: commit the running image, if any, or
+        carry out the revert asked for while it ran."""
         files = self.files
-        if not os.path.exists(files.dirty):
+        if listing.reverts:
+            self.revisions.apply_revert(self.policy(), listing)
+        elif not os.path.exists(files.dirty):
             return False
-        if self.volume.snapshots_disabled:
+        elif self.volume.snapshots_disabled:
             fileops.publish(files.dirty, files.committed)
-            self.revisions.prune(0, listing.revisions)
+            self.revisions.prune(NO_REVISIONS)
         else:
-            self.revisions.commit(
-                files.dirty, self.volume.revisions_to_keep, listing
-            )
+            self.revisions.commit(files.dirty, self.policy(), listing)
         fileops.remove_files(self.bases_left(listing))
         return True
 
@@ -297,7 +311,7 @@ class Origin(Kind):
             )
             return
         if self.volume.snapshots_disabled:
-            self.revisions.prune(0, listing.revisions)
+            self.revisions.prune(NO_REVISIONS)
             fileops.rename(files.committed, files.dirty)
             return
         key = layout.spare_key(os.stat(files.committed))

@@ -58,6 +58,8 @@ SNAPBASE = "snapbase"
 SNAPTEMP = "snaptmp"
 READY = "ready"
 RUNNING = "running"
+PIN = "pin"
+REVERT = "revert"
 #: Kinds that are btrfs subvolumes (directories), not files.
 SUBVOLUME_KINDS = (SNAPBASE, SNAPTEMP, READY, RUNNING)
 #: The image file inside a subvolume of the layout.
@@ -95,6 +97,13 @@ _PATTERNS = (
         ),
     ),
     (RUNNING, re.compile(rf"(?P<vol>{_VOLUME_NAME})\.img~running\Z")),
+    (
+        "marker",
+        re.compile(
+            rf"(?P<vol>{_VOLUME_NAME})\.img~(?P<kind>pin|revert)"
+            r"\.(?P<detail>[A-Za-z0-9:_.-]{1,64})\Z"
+        ),
+    ),
 )
 
 
@@ -126,7 +135,7 @@ def classify(filename):
         if match is None:
             continue
         fields = match.groupdict()
-        if kind == "internal":
+        if kind in ("internal", "marker"):
             return Entry(fields["vol"], fields["kind"], fields["detail"])
         if kind == REVISION:
             rev_id = fields["number"] or fields["ts"]
@@ -295,6 +304,22 @@ def trash_entries(pool_dir):
     return _entries(directory, _TRASH_NAME.fullmatch)
 
 
+#: The pool's settings changed by ``qubes-reflink set`` (see `settings`).
+SETTINGS_FILE = ".qubes-reflink-settings.json"
+
+
+def settings_path(pool_dir):
+    """The pool's settings file."""
+    return os.path.join(pool_dir, SETTINGS_FILE)
+
+
+def settings_temp(pool_dir):
+    """A fresh temporary name for a rewrite of the settings file."""
+    return os.path.join(
+        pool_dir, f"{SETTINGS_FILE}~{TEMP}.{secrets.token_hex(8)}"
+    )
+
+
 def prefix_dirs(pool_dir):
     """The directories holding the VM directories of a pool."""
     return [os.path.join(pool_dir, prefix) for prefix in DIR_PREFIXES]
@@ -325,6 +350,8 @@ class Listing(NamedTuple):
     snapbases: dict  # committed version key -> subvolume path
     readies: dict  # source version key -> subvolume path
     snaptemps: list  # subvolumes being filled
+    pins: dict  # revision id -> marker of a pinned revision
+    reverts: dict  # revision id -> request to revert to it at stop
     running: bool  # a running image in a subvolume
     temps: list
     exports: list
@@ -391,6 +418,15 @@ class VolumeFiles:
         volume started from its source's version `key`."""
         return self._internal(READY, key)
 
+    def pin(self, revision_id):
+        """Empty file marking revision `revision_id` as pinned."""
+        return f"{self.committed}~{PIN}.{revision_id}"
+
+    def revert_request(self, revision_id):
+        """Empty file asking for a revert to `revision_id` at the stop of
+        the running volume."""
+        return f"{self.committed}~{REVERT}.{revision_id}"
+
     def snaptemp(self):
         """A fresh name for a subvolume being filled to become a snapbase."""
         return self._internal(SNAPTEMP)
@@ -419,7 +455,7 @@ class VolumeFiles:
                 found[entry.kind] = True
             elif entry.kind == REVISION:
                 found[REVISION].append(_revision(entry.detail, name, path))
-            elif entry.kind in (SPARE, SNAPBASE, READY, BASE):
+            elif entry.kind in (SPARE, SNAPBASE, READY, BASE, PIN, REVERT):
                 found[entry.kind][entry.detail] = path
             elif entry.kind in (TEMP, EXPORT, IMPORT, SNAPTEMP):
                 found[entry.kind].append(path)
@@ -437,6 +473,8 @@ class VolumeFiles:
             snapbases=found[SNAPBASE],
             readies=found[READY],
             snaptemps=found[SNAPTEMP],
+            pins=found[PIN],
+            reverts=found[REVERT],
             running=found[RUNNING],
             temps=found[TEMP],
             exports=found[EXPORT],
@@ -448,6 +486,7 @@ def _nothing_found():
     """What `VolumeFiles.scan` fills in, by kind, before it looks."""
     found = {kind: False for kind in (COMMITTED, DIRTY, RUNNING)}
     found.update({kind: {} for kind in (BASE, SPARE, SNAPBASE, READY)})
+    found.update({kind: {} for kind in (PIN, REVERT)})
     found.update({kind: [] for kind in (REVISION, SNAPTEMP, TEMP)})
     found.update({kind: [] for kind in (EXPORT, IMPORT)})
     return found

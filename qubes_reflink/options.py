@@ -59,6 +59,17 @@ def parse_revisions_to_keep(value, option="revisions_to_keep"):
 MAX_SIZE = 2**63 - 1
 
 
+def parse_seconds(value, option):
+    """A duration in whole seconds, 0 or more (0: off)."""
+    seconds = _parse_int(value)
+    if seconds is None or seconds < 0:
+        raise StoragePoolException(
+            f"Invalid {option} {value!r}: give a number of seconds, 0 or "
+            "more (0 turns it off), e.g. 86400 for a day"
+        )
+    return seconds
+
+
 def parse_size(value, what="size"):
     """A size in bytes: a whole number, 0 or more, at most MAX_SIZE."""
     number = _parse_int(value)

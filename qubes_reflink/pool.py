@@ -5,7 +5,7 @@ import functools
 import importlib.metadata
 import os
 
-from . import fileops, layout, options
+from . import fileops, layout, options, settings
 from .errors import storage_error
 from .host import Pool, StoragePoolException
 from .background import Background
@@ -63,6 +63,7 @@ class ReflinkPool(Pool):
         revisions_to_keep=1,
         setup_check=True,
         ephemeral_volatile=False,
+        keep_revision_older_than=0,
     ):
         # pylint: disable=too-many-arguments
         super().__init__(
@@ -76,6 +77,9 @@ class ReflinkPool(Pool):
         )
         self.dir_path = options.parse_dir_path(dir_path)
         self.setup_check = options.parse_bool(setup_check, "setup_check")
+        self._keep_revision_older_than = options.parse_seconds(
+            keep_revision_older_than, settings.KEEP_REVISION_OLDER_THAN
+        )
         #: dir_path with symbolic links resolved: where the files really are
         self.root = os.path.realpath(self.dir_path)
         self._volumes = {}
@@ -106,7 +110,18 @@ class ReflinkPool(Pool):
             "revisions_to_keep": self.revisions_to_keep,
             "setup_check": str(self.setup_check),
             "ephemeral_volatile": str(self.ephemeral_volatile),
+            "keep_revision_older_than": self.keep_revision_older_than,
         }
+
+    @property
+    def keep_revision_older_than(self):
+        """Seconds: pruning keeps the newest revision at least that old
+        (0: off).  ``qubes-reflink set`` changes it while qubesd runs
+        (`settings`), which wins over the value qubes.xml gave."""
+        stored = settings.load(self.root)
+        return stored.get(
+            settings.KEEP_REVISION_OLDER_THAN, self._keep_revision_older_than
+        )
 
     async def setup(self):
         """Create the pool directory and check that it can reflink."""

@@ -216,9 +216,10 @@ class ReflinkVolume(DataTransferMixin, Volume):
         place, and its loop device sees the new size.
         """
         size = options.parse_size(size)
-        if not self.rw:
+        if not self.rw or size == 0:
             raise StoragePoolException(
-                f"Cannot resize volume {self.vid}: it is read-only"
+                f"Cannot resize volume {self.vid} to {size} bytes: "
+                + ("it is read-only" if not self.rw else "give more than 0")
             )
         if size != self.size:
             if await self._run("Resizing", self.kind.resize, size):
@@ -231,13 +232,15 @@ class ReflinkVolume(DataTransferMixin, Volume):
         """Make `revision` (default: the newest) the committed data.
 
         The current committed data becomes a revision itself, so a revert
-        can be undone.
+        can be undone.  While the VM runs, the revert is recorded on disk
+        and carried out by the stop: the run's data becomes the newest
+        revision (`revisions`); a second request replaces the first.
         """
         if revision is not None:
             try:
                 layout.check_revision_id(revision)
             except layout.LayoutError as err:
                 raise StoragePoolException(str(err)) from None
-        await self._run("Reverting", self.kind.revert, revision)
-        self.pool.background.committed(self)
+        if await self._run("Reverting", self.kind.revert, revision):
+            self.pool.background.committed(self)
         return self

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import unittest
 import unittest.mock
 
@@ -91,11 +92,13 @@ class HOST:
 
 
 def setUpModule():
-    """One loop-mounted btrfs for the pools, one ext4 (no reflinks)."""
+    """One loop-mounted btrfs for the pools, one XFS, one ext4 (no
+    reflinks)."""
     MNT["btrfs"] = STACK.enter_context(
         loop_filesystem("btrfs", size=2 * 1024**3)
     )
-    MNT["ext4"] = STACK.enter_context(loop_filesystem("ext4", size=64 * MIB))
+    MNT["xfs"] = STACK.enter_context(loop_filesystem("xfs", size=512 * MIB))
+    MNT["ext4"] = STACK.enter_context(loop_filesystem("ext4", size=256 * MIB))
 
 
 def tearDownModule():
@@ -238,6 +241,7 @@ class TC_00_Loading(unittest.TestCase):
             "revisions_to_keep": False,
             "setup_check": False,
             "ephemeral_volatile": False,
+            "keep_revision_older_than": False,
         }
         parameters = qubes.storage.driver_parameters("file-reflink")
         if isinstance(parameters, dict):
@@ -274,6 +278,7 @@ class TC_10_Pool(HostCase):
                 "revisions_to_keep": "2",
                 "setup_check": "True",
                 "ephemeral_volatile": "False",
+                "keep_revision_older_than": "0",
             },
         )
         self.assertEqual(pool.included_in(self.app), None)
@@ -1334,6 +1339,159 @@ class TC_60_FileDriverSwap(HostCase):
         self.run_coro(qubes.utils.coro_maybe(appvm.storage.verify()))
         # what `file` reads is the data committed under this driver
         self.assertEqual(read_at(appvm.volumes["private"].path, 4), b"HOME")
+
+
+# -- revisions users can trust ---------------------------------------------
+
+DAY = 86400
+
+
+class TC_70_Revisions(HostCase):
+    """Pins, the restore point and a revert of a running qube, through the
+    host's own VMs, Admin API and qubes.xml, on btrfs, XFS and ext4."""
+
+    def call(self, method, dest=b"dom0", arg=b"", payload=b"", app=None):
+        api = qubes.api.admin.QubesAdminAPI(
+            app or self.app, b"dom0", method, dest, arg
+        )
+        return self.run_coro(api.execute(untrusted_payload=payload))
+
+    def world(self, fstype):
+        """A pool on `fstype` added through the Admin API (rtk 1, restore
+        point a day), with a template and an AppVM in it."""
+        name = f"rev-{fstype}"
+        top = tempfile.mkdtemp(prefix="rev-", dir=MNT[fstype])
+        self.addCleanup(shutil.rmtree, top, ignore_errors=True)
+        payload = (
+            f"name={name}\ndir_path={top}/pool\nrevisions_to_keep=1\n"
+            f"setup_check=no\nkeep_revision_older_than={DAY}\n"
+        )
+        self.call(
+            b"admin.pool.Add", arg=b"file-reflink", payload=payload.encode()
+        )
+        info = self.call(b"admin.pool.Info", arg=name.encode())
+        self.assertIn(f"keep_revision_older_than={DAY}", info.splitlines())
+        self.app.default_pool = self.app.pools[name]
+        tpl = self.app.add_new_vm(
+            "TemplateVM", label="black", name=f"t-{fstype}"
+        )
+        self.run_coro(tpl.create_on_disk())
+        vm = self.app.add_new_vm(
+            "AppVM", label="red", name=f"a-{fstype}", template=tpl
+        )
+        self.run_coro(vm.create_on_disk())
+        return vm
+
+    def run_vm(self, vm, content):
+        self.run_coro(vm.storage.verify())
+        self.run_coro(vm.storage.start())
+        devs = {dev.name: dev.path for dev in vm.storage.block_devices()}
+        write_at(devs["private"], content)
+        self.run_coro(vm.storage.stop())
+        self.settle(vm)
+
+    def restarted(self, vm):
+        """qubesd saved and started again: the VM as the new app has it,
+        after the recovery stop of its volumes."""
+        self.app.save()
+        app = self.new_app(load=True)
+        self.other_apps.append(app)
+        again = app.domains[vm.name]
+        self.run_coro(again.storage.stop())
+        self.settle(again)
+        return app, again
+
+    def snapshots(self, vm, app=None):
+        listed = self.call(
+            b"admin.vm.volume.ListSnapshots",
+            vm.name.encode(),
+            b"private",
+            app=app,
+        )
+        return listed.splitlines()
+
+    def revision_data(self, volume, revision, length):
+        directory = os.path.dirname(vol_file(volume.pool, volume.vid, ".img"))
+        prefix = f"private.img.{revision}@"
+        (name,) = [n for n in os.listdir(directory) if n.startswith(prefix)]
+        return read_at(os.path.join(directory, name), length)
+
+    def test_000_pin_outlives_restarts_and_reverts(self):
+        for fstype in ("btrfs", "xfs", "ext4"):
+            with self.subTest(fstype=fstype):
+                vm = self.world(fstype)
+                self.run_vm(vm, b"keep me")
+                self.run_vm(vm, b"next one")
+                (pinned,) = self.snapshots(vm)
+                private = vm.volumes["private"]
+                self.assertEqual(
+                    cli.main(
+                        ["pin", private.pool.dir_path, private.vid, pinned]
+                    ),
+                    0,
+                )
+                for number in range(5):
+                    self.run_vm(vm, b"restart%d" % number)
+                app, again = self.restarted(vm)
+                self.assertIn(pinned, self.snapshots(again, app))
+                self.call(
+                    b"admin.vm.volume.Revert",
+                    again.name.encode(),
+                    b"private",
+                    pinned.encode(),
+                    app=app,
+                )
+                committed = vol_file(private.pool, private.vid, ".img")
+                self.assertEqual(read_at(committed, 7), b"keep me")
+                self.assertIn(pinned, self.snapshots(again, app))
+
+    def test_010_restore_point_outlives_quick_restarts(self):
+        for fstype in ("btrfs", "xfs", "ext4"):
+            with self.subTest(fstype=fstype):
+                vm = self.world(fstype)
+                self.run_vm(vm, b"yesterday")
+                private = vm.volumes["private"]
+                committed = vol_file(private.pool, private.vid, ".img")
+                then = time.time() - 2 * DAY
+                os.utime(committed, (then, then))
+                for number in range(5):
+                    self.run_vm(vm, b"quick%d" % number)
+                app, again = self.restarted(vm)
+                kept = self.snapshots(again, app)
+                self.assertEqual(len(kept), 2)  # the count, and one more
+                self.assertEqual(
+                    self.revision_data(again.volumes["private"], kept[0], 9),
+                    b"yesterday",
+                )
+
+    def test_020_revert_of_a_running_qube_applies_at_shutdown(self):
+        for fstype in ("btrfs", "xfs", "ext4"):
+            with self.subTest(fstype=fstype):
+                vm = self.world(fstype)
+                self.run_vm(vm, b"good data")
+                self.run_vm(vm, b"broken!!!")
+                (good,) = self.snapshots(vm)
+                self.run_coro(vm.storage.verify())
+                self.run_coro(vm.storage.start())
+                devs = {d.name: d.path for d in vm.storage.block_devices()}
+                write_at(devs["private"], b"this run!")
+                self.call(
+                    b"admin.vm.volume.Revert",
+                    vm.name.encode(),
+                    b"private",
+                    good.encode(),
+                )
+                private = vm.volumes["private"]
+                committed = vol_file(private.pool, private.vid, ".img")
+                self.assertEqual(read_at(committed, 9), b"broken!!!")
+                # qubesd restarts before the qube stops: the request holds
+                app, again = self.restarted(vm)
+                self.assertEqual(read_at(committed, 9), b"good data")
+                newest = self.snapshots(again, app)[-1]
+                self.assertEqual(
+                    self.revision_data(again.volumes["private"], newest, 9),
+                    b"this run!",
+                )
 
 
 if __name__ == "__main__":

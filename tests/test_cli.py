@@ -461,7 +461,10 @@ def test_console_script_installed():
         [script, "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0
-    assert "{check,status,du,fsck,migrate}" in result.stdout
+    assert (
+        "{check,status,du,fsck,pin,unpin,cancel-revert,set,migrate}"
+        in result.stdout
+    )
 
 
 def test_options_after_subcommand(tmp_path, capsys):

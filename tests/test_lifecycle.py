@@ -349,19 +349,6 @@ async def test_revert_without_revisions(pool):
     assert await settled_tree(pool) == before
 
 
-async def test_revert_while_running_refused(pool):
-    volume = origin(pool, FakeVM("work"))
-    await volume.create()
-    await cycle(volume, data("one"))
-    await volume.start()
-    write_image(dirty(volume), data("running"))
-    before = await settled_tree(pool)
-    with pytest.raises(StoragePoolException, match="running"):
-        await volume.revert("1")
-    assert await settled_tree(pool) == before
-    await volume.stop()
-
-
 def make_legacy(volume, stamp, payload):
     path = os.path.join(vm_dir(volume), f"{volume.name}.img@{stamp}Z")
     with open(path, "wb") as file:

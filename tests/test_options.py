@@ -142,6 +142,7 @@ def test_config_has_every_option():
         "revisions_to_keep",
         "setup_check",
         "ephemeral_volatile",
+        "keep_revision_older_than",
     }
 
 

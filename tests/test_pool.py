@@ -161,6 +161,7 @@ def test_driver_parameters_introspection():
         "revisions_to_keep",
         "setup_check",
         "ephemeral_volatile",
+        "keep_revision_older_than",
     }
     for param in params.values():
         assert param.kind == inspect.Parameter.KEYWORD_ONLY

@@ -27,6 +27,7 @@ CHECKS = (
     "TC_40_AdminAPI",
     "TC_50_Dom0Rename",
     "TC_60_FileDriverSwap",
+    "TC_70_Revisions",
 )
 
 CHECKS_SCRIPT = os.path.join(hosts.HERE, "real_host_checks.py")

@@ -26,6 +26,7 @@ ORDER = [
     "options",
     "fileops",
     "btrfs",
+    "settings",
     "extents",
     "judgement",
     "guards",
@@ -41,6 +42,7 @@ ORDER = [
     "pool",
     "repair",
     "migrate",
+    "qubesxml",
     "cli",
     "__init__",
 ]

@@ -246,7 +246,7 @@ def test_volume_scan_of_a_vanishing_directory(hand_pool, monkeypatch, how):
     listing = files.scan()
     assert vanish.fired
     assert listing == layout.Listing(
-        False, False, {}, [], {}, {}, {}, [], False, [], [], []
+        False, False, {}, [], {}, {}, {}, [], {}, {}, False, [], [], []
     )
 
 
