@@ -335,6 +335,7 @@ _SHOWN_APART = (
     layout.RUNNING,
     layout.REVISION,
     layout.PIN,
+    layout.REVERT,
 )
 
 

@@ -10,7 +10,9 @@ of the file-reflink driver that ships with Qubes::
 
 where vid is ``appvms/<vm>/<volume>`` or ``vm-templates/<vm>/<volume>``.
 Every other file the driver makes is ``<vid>.img~<kind>.<token>`` (or
-``<vid>.img~running``; ``<vid>.img~base`` of older versions): the ``~`` can appear in no
+``<vid>.img~running``; ``<vid>.img~base`` of older versions;
+``<vid>.img~pin.<revision id>`` and ``<vid>.img~revert.<revision id>``,
+empty markers): the ``~`` can appear in no
 volume or VM name, so these names can never be taken for an image or a
 revision, and they still match the ``*.img*`` patterns that keep loop
 devices private to dom0.  On btrfs, three of them are subvolumes (see

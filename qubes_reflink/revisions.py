@@ -88,21 +88,22 @@ class Revisions:
         self._trash.discard(after.spares.values())
         return after
 
-    def _keep_committed(self, listing, later=0):
-        """Link the committed image as a new revision (number + `later`),
-        unless a revision is that image already; made durable by the
-        directory fsync of the rename that follows."""
+    def _keep_committed(self, listing):
+        """Link the committed image as a new revision, unless a revision
+        is that image already; made durable by the directory fsync of the
+        rename that follows.  Returns the highest revision number now."""
         files = self._files
+        number = max((r.number for r in listing.revisions), default=0)
         current = fileops.stat_or_none(files.committed)
         if current is None or any(
             fileops.same_file(r.path, files.committed)
             for r in listing.revisions
         ):
-            return
-        number = max((r.number for r in listing.revisions), default=0)
+            return number
         stamp = isodate(int(current.st_mtime))
-        path = files.revision(number + 1 + later, stamp)
+        path = files.revision(number + 1, stamp)
         fileops.link(files.committed, path, durable=False)
+        return number + 1
 
     def prune(self, policy, now=None):
         """Discard what `prunable` says, holding the directory's lock so
@@ -177,9 +178,11 @@ class Revisions:
             image = self._committable(chosen[0], listing)
             fileops.publish(image, files.committed)
             log.info("%s: reverted to revision %s", files.vid, wanted)
-        fileops.remove_files(listing.reverts.values())
         self._trash.discard(listing.spares.values())
-        return self.prune(policy)
+        after = self.prune(policy)
+        # last: until the request is gone, the next stop finishes the work
+        fileops.remove_files(listing.reverts.values())
+        return after
 
     def _retire_running(self, policy, listing):
         """The run's data becomes the newest revision (after the committed
@@ -189,8 +192,7 @@ class Revisions:
             self._trash.discard([files.dirty])
             return
         fileops.fsync_file(files.dirty)
-        self._keep_committed(listing)
-        number = max((r.number for r in listing.revisions), default=0) + 2
+        number = self._keep_committed(listing) + 1
         stamp = isodate(int(os.stat(files.dirty).st_mtime))
         fileops.rename(files.dirty, files.revision(number, stamp))
 

@@ -36,10 +36,12 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from typing import NamedTuple
 
-from qubes_reflink import ReflinkPool, fileops, layout, trash
+from qubes_reflink import ReflinkPool, fileops, layout, revisions, settings
+from qubes_reflink import trash
 from qubes_reflink.host import StoragePoolException
 
 # The trash is swept right after a stop here, as in the other tests
@@ -52,6 +54,7 @@ SIZE = MIB
 BIG = 2 * MIB
 BLOCK = 4096
 LEFTOVER_MARKS = (
+    "~revert.",
     "~tmp.",
     "~import.",
     "~export.",
@@ -608,6 +611,137 @@ _simple(
 )
 
 
+# revisions users can trust: pins, the restore point, revert while running
+def _pin(key, revision):
+    def step(world, _state):
+        revisions.pin(world.files(key), revision)
+
+    return step
+
+
+def _unpin_op(key, revision):
+    async def op(world, _state):
+        revisions.unpin(world.files(key), revision)
+
+    return op
+
+
+def _pin_op(key, revision):
+    async def op(world, _state):
+        revisions.pin(world.files(key), revision)
+
+    return op
+
+
+_simple(
+    "pin",
+    [TPL_ROOT],
+    _REVERT_BUILD,
+    _pin_op("tpl/root", "1"),
+    target="tpl/root",
+    before={"tpl/root": D("B")},
+    after={"tpl/root": D("B")},
+)
+_simple(
+    "unpin",
+    [TPL_ROOT],
+    _then(_REVERT_BUILD, _pin("tpl/root", "1")),
+    _unpin_op("tpl/root", "1"),
+    target="tpl/root",
+    before={"tpl/root": D("B")},
+    after={"tpl/root": D("B")},
+)
+# app/private (rtk 1): committed P2, revision 2 (P1), pinned: the stop
+# keeps it beyond the count
+_simple(
+    "stop_prune_pinned",
+    [APP_PRIVATE],
+    _then(
+        build_app,
+        _pin("app/private", "2"),
+        lambda w, s: w.start_write("app/private", "B"),
+    ),
+    _stop("app/private"),
+    target="app/private",
+    before={"app/private": D("B")},
+    after={"app/private": D("B")},
+)
+
+
+async def _build_restore_point(world, _state):
+    """app/private (rtk 1): revision 2 holds P1 from two days ago,
+    committed P2, running B; the pool keeps revisions a day old."""
+    settings.store(
+        world.pools["main"].root, settings.KEEP_REVISION_OLDER_THAN, "86400"
+    )
+    await world.vols["app/private"].create()
+    await world.run("app/private", "P1")
+    then = time.time() - 2 * 86400
+    os.utime(world.files("app/private").committed, (then, then))
+    await world.run("app/private", "P2")
+    await world.start_write("app/private", "B")
+
+
+_simple(
+    "stop_restore_point",
+    [APP_PRIVATE],
+    _build_restore_point,
+    _stop("app/private"),
+    target="app/private",
+    before={"app/private": D("B")},
+    after={"app/private": D("B")},
+)
+
+
+def _request_revert(key, revision):
+    async def step(world, _state):
+        await world.vols[key].revert(revision)
+
+    return step
+
+
+_simple(
+    "revert_running",
+    [APP_PRIVATE],
+    _then(build_app, lambda w, s: w.start_write("app/private", "B")),
+    _revert("app/private", "2"),
+    target="app/private",
+    # recovered without the request, the run is committed; with it, the
+    # stop reverts
+    before={"app/private": D("B")},
+    after={"app/private": D("P1")},
+)
+_simple(
+    "stop_pending_revert",
+    [APP_PRIVATE],
+    _then(
+        build_app,
+        lambda w, s: w.start_write("app/private", "B"),
+        _request_revert("app/private", "2"),
+    ),
+    _stop("app/private"),
+    target="app/private",
+    # qubesd's recovery stop carries the request out too
+    before={"app/private": D("P1")},
+    after={"app/private": D("P1")},
+)
+_simple(
+    "stop_pending_revert_pinned",
+    [APP_PRIVATE],
+    _then(
+        build_app,
+        _pin("app/private", "2"),
+        lambda w, s: w.start_write("app/private", "B"),
+        _request_revert("app/private", "2"),
+    ),
+    _stop("app/private"),
+    target="app/private",
+    # qubesd's recovery stop carries the request out too
+    before={"app/private": D("P1")},
+    after={"app/private": D("P1")},
+)
+
+
 # resize
 def _resize(key, size):
     async def op(world, _state):
@@ -881,6 +1015,7 @@ def observe(world):
             "revisions": {
                 rev.id: digest(rev.path) for rev in listing.revisions
             },
+            "pins": sorted(listing.pins),
         }
     return seen
 
@@ -930,7 +1065,11 @@ def check_files(world, errors, where, extra_revisions=1):
                     f"{committed.st_size}"
                 )
             rtk = vol.revisions_to_keep
-            if len(ids) > max(rtk, 0) + extra_revisions:
+            # pinned revisions do not count; a restore point is one more
+            ordinary = [i for i in ids if i not in listing.pins]
+            allowed = max(rtk, 0) + extra_revisions
+            allowed += 1 if vol.pool.keep_revision_older_than else 0
+            if len(ordinary) > allowed:
                 errors.append(f"{where}: {spec.key} {ids} beyond {rtk}")
         elif listing.committed or listing.revisions:
             errors.append(f"{where}: {spec.key} has committed files")
@@ -1094,6 +1233,8 @@ def compare(seen, before, after, built=None):
             )
         if state["size"] not in (old["size"], new["size"]):
             errors.append(f"{key}: size {state['size']}")
+        if state["pins"] not in (old["pins"], new["pins"]):
+            errors.append(f"{key}: pins {state['pins']}")
         revs = set(state["revisions"].items())
         old_revs = set(old["revisions"].items())
         new_revs = set(new["revisions"].items())

@@ -215,8 +215,15 @@ def test_harness_notices_a_non_atomic_replace(crash_mounts):
     assert lost, result["failures"]
 
 
-def _state(committed, revisions, size=1):
-    return {"v": {"committed": committed, "size": size, "revisions": revisions}}
+def _state(committed, revisions, size=1, pins=()):
+    return {
+        "v": {
+            "committed": committed,
+            "size": size,
+            "revisions": revisions,
+            "pins": sorted(pins),
+        }
+    }
 
 
 def test_compare_accepts_before_and_after_only():
@@ -231,6 +238,11 @@ def test_compare_accepts_before_and_after_only():
     assert compare(_state(None, {"2": "y"}), before, after)
     assert compare(_state("b", {"3": "a"}), before, after)  # lost 2
     assert compare(_state("b", {"2": "y", "4": "a"}), before, after)
+    pinned = _state("b", {"2": "y", "3": "a"}, pins=["2"])
+    assert not compare(pinned, before, pinned)
+    assert compare(
+        _state("b", {"2": "y", "3": "a"}, pins=["3"]), before, pinned
+    )
     built = _state("a", {"0": "w", "1": "x", "2": "y"})
     assert not compare(
         _state("b", {"0": "w", "2": "y", "3": "a"}), before, after, built
