@@ -612,32 +612,22 @@ _simple(
 
 
 # revisions users can trust: pins, the restore point, revert while running
-def _pin(key, revision):
-    def step(world, _state):
-        revisions.pin(world.files(key), revision)
+def _pin(key, revision, pin=True):
+    """A build step or an operation: pin (or unpin) a revision as
+    qubes-reflink does."""
+
+    async def step(world, _state):
+        change = revisions.pin if pin else revisions.unpin
+        change(world.files(key), revision)
 
     return step
-
-
-def _unpin_op(key, revision):
-    async def op(world, _state):
-        revisions.unpin(world.files(key), revision)
-
-    return op
-
-
-def _pin_op(key, revision):
-    async def op(world, _state):
-        revisions.pin(world.files(key), revision)
-
-    return op
 
 
 _simple(
     "pin",
     [TPL_ROOT],
     _REVERT_BUILD,
-    _pin_op("tpl/root", "1"),
+    _pin("tpl/root", "1"),
     target="tpl/root",
     before={"tpl/root": D("B")},
     after={"tpl/root": D("B")},
@@ -646,7 +636,7 @@ _simple(
     "unpin",
     [TPL_ROOT],
     _then(_REVERT_BUILD, _pin("tpl/root", "1")),
-    _unpin_op("tpl/root", "1"),
+    _pin("tpl/root", "1", pin=False),
     target="tpl/root",
     before={"tpl/root": D("B")},
     after={"tpl/root": D("B")},
@@ -691,15 +681,6 @@ _simple(
     before={"app/private": D("B")},
     after={"app/private": D("B")},
 )
-
-
-def _request_revert(key, revision):
-    async def step(world, _state):
-        await world.vols[key].revert(revision)
-
-    return step
-
-
 _simple(
     "revert_running",
     [APP_PRIVATE],
@@ -711,35 +692,25 @@ _simple(
     before={"app/private": D("B")},
     after={"app/private": D("P1")},
 )
-_simple(
-    "stop_pending_revert",
-    [APP_PRIVATE],
-    _then(
-        build_app,
-        lambda w, s: w.start_write("app/private", "B"),
-        _request_revert("app/private", "2"),
-    ),
-    _stop("app/private"),
-    target="app/private",
-    # qubesd's recovery stop carries the request out too
-    before={"app/private": D("P1")},
-    after={"app/private": D("P1")},
-)
-_simple(
-    "stop_pending_revert_pinned",
-    [APP_PRIVATE],
-    _then(
-        build_app,
-        _pin("app/private", "2"),
-        lambda w, s: w.start_write("app/private", "B"),
-        _request_revert("app/private", "2"),
-    ),
-    _stop("app/private"),
-    target="app/private",
-    # qubesd's recovery stop carries the request out too
-    before={"app/private": D("P1")},
-    after={"app/private": D("P1")},
-)
+for _name, _pinned in (
+    ("stop_pending_revert", ()),
+    ("stop_pending_revert_pinned", (_pin("app/private", "2"),)),
+):
+    _simple(
+        _name,
+        [APP_PRIVATE],
+        _then(
+            build_app,
+            *_pinned,
+            lambda w, s: w.start_write("app/private", "B"),
+            _revert("app/private", "2"),
+        ),
+        _stop("app/private"),
+        target="app/private",
+        # qubesd's recovery stop carries the request out too
+        before={"app/private": D("P1")},
+        after={"app/private": D("P1")},
+    )
 
 
 # resize

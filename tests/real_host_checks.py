@@ -1003,7 +1003,7 @@ class TC_40_AdminAPI(VMsCase):
         drivers = self.call(b"admin.pool.ListDrivers")
         self.assertIn(
             "file-reflink dir_path revisions_to_keep setup_check "
-            "ephemeral_volatile\n",
+            "ephemeral_volatile keep_revision_older_than\n",
             drivers,
         )
         dir_path = os.path.join(self.top, "api-pool")
@@ -1024,6 +1024,7 @@ class TC_40_AdminAPI(VMsCase):
         self.assertEqual(lines["revisions_to_keep"], "3")
         self.assertEqual(lines["setup_check"], "True")
         self.assertEqual(lines["ephemeral_volatile"], "False")
+        self.assertEqual(lines["keep_revision_older_than"], "0")
         self.assertGreater(int(lines["size"]), 0)
         self.assertIn("usage", lines)
         usage = self.call(b"admin.pool.UsageDetails", arg=b"api-pool")
