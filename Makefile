@@ -3,7 +3,7 @@ PYTHON ?= python3
 DESTDIR ?=
 PYTHON_FILES := qubes_reflink tests benchmarks setup.py demo.py
 
-.PHONY: all install rpm deps test lint format demo bench stress powercut clean
+.PHONY: all install rpm system-deps deps test lint format demo bench stress powercut clean
 
 all:
 	$(PYTHON) setup.py build
@@ -68,50 +68,68 @@ rpm:
 		rpm_spec/qubes-reflink.spec.in >$(RPM_TOPDIR)/SPECS/qubes-reflink.spec
 	rpmbuild -ba $(RPM_DEFINES) $(RPM_TOPDIR)/SPECS/qubes-reflink.spec
 
-# The Python of each tested Qubes release: R4.2's (3.11, this machine's
-# python3) and R4.3's (3.13, found on PATH or under pyenv).
-PYTHON_R43 ?= $(shell $(PYTHON) tests/hosts.py 3.13)
-TEST_PYTHONS = $(PYTHON) $(PYTHON_R43)
+# The Python of each tested Qubes release, each in a virtual environment
+# of the project (.venv/py3.11, .venv/py3.13; never a system interpreter):
+# R4.2's 3.11 and R4.3's 3.13, made from the machine's own Python, or one
+# found on PATH, under pyenv or uv (tests/hosts.py --base says which).
+VENV := .venv
+PY311 := $(VENV)/py3.11/bin/python
+PY313 := $(VENV)/py3.13/bin/python
+TEST_PYTHONS = $(PY311) $(PY313)
 # PARTIAL=1: run what can run here, list what did not (else a skip fails)
 PYTEST_ARGS = -q $(if $(filter 1,$(PARTIAL)),-rs)
+# the qubes-core-admin trees of the real-host tests: beside the checkout
+# (../shared), named by QUBES_CORE_ADMIN_TREES, or fetched into a cache
+HOST_TREES = trees=$$($(PY311) tests/hosts.py --trees) || exit 1; \
+	export QUBES_CORE_ADMIN_TREES=$$trees;
+
+$(VENV)/py%/bin/python:
+	@base=$$($(PYTHON) tests/hosts.py --base $*) || exit 1; \
+	echo "making $(VENV)/py$* from $$base"; \
+	$$base -m venv $(VENV)/py$*
 
 # Test and tooling dependencies, by name (the driver itself needs none):
-# system tools (installed as root, or named), then pip for each Python.
-deps:
+# system tools (installed as root, or named), then pip in each venv.
+system-deps:
 	PARTIAL=$(PARTIAL) sh tools/ensure-system-deps
-	@[ -n "$(PYTHON_R43)" ] || { echo "Python 3.13 not found: install it (pyenv install 3.13)"; exit 1; }
-	for py in $(TEST_PYTHONS); do $$py -m pip install -q -e '.[test]' || exit 1; done
+
+deps: system-deps $(PY311) $(PY313)
+	for py in $(TEST_PYTHONS); do \
+		$$py -m pip install -q --upgrade pip && \
+		$$py -m pip install -q -e '.[test]' || exit 1; \
+	done
 
 # The whole suite under each release's Python; the real-host tests run each
 # release's qubes-core-admin tree under its own Python either way.
 test: deps lint
+	@$(HOST_TREES) \
 	for py in $(TEST_PYTHONS); do \
 		echo "== pytest under $$($$py --version)"; \
 		PARTIAL=$(PARTIAL) $$py -m pytest $(PYTEST_ARGS) || exit 1; \
 	done
 
-lint:
-	$(PYTHON) -m black --check --line-length 80 $(PYTHON_FILES)
-	$(PYTHON) -m pylint --rcfile=.pylintrc qubes_reflink
+lint: deps
+	$(PY311) -m black --check --line-length 80 $(PYTHON_FILES)
+	$(PY311) -m pylint --rcfile=.pylintrc qubes_reflink
 
-format:
-	$(PYTHON) -m black --line-length 80 $(PYTHON_FILES)
+format: deps
+	$(PY311) -m black --line-length 80 $(PYTHON_FILES)
 
 demo: deps
-	$(PYTHON) demo.py
+	$(PY311) demo.py
 
 bench: deps
-	$(PYTHON) -m pip install -q -e '.[bench]'
-	$(PYTHON) -m benchmarks
+	$(PY311) -m pip install -q -e '.[bench]'
+	$(PY311) -m benchmarks
 
 stress: deps
-	$(PYTHON) -m pytest -q -m slow -p no:cacheprovider
+	@$(HOST_TREES) $(PY311) -m pytest -q -m slow -p no:cacheprovider
 
 # Every flush point of every operation on btrfs, XFS and ext4, with seeded
 # subsets of the writes after each (make test checks a sample); prints the
 # figures table of README's Reliability section.
 powercut: deps
-	$(PYTHON) -m pytest -q -m slow -p no:cacheprovider tests/test_powercut.py
+	$(PY311) -m pytest -q -m slow -p no:cacheprovider tests/test_powercut.py
 
 clean:
 	rm -rf build dist *.egg-info

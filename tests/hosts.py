@@ -1,9 +1,12 @@
 """The Qubes releases the driver is tested on, and how to run code under one.
 
-Each release pairs a qubes-core-admin source tree (under
-``../shared/qubes-core-admin`` beside the project, or the directory named by
-QUBES_CORE_ADMIN_TREES) with the Python of that release's dom0.  A tree is
-only read: it goes on PYTHONPATH (tree, its ``test-packages/``) of a
+Each release pairs a qubes-core-admin source tree with the Python of that
+release's dom0.  The trees are looked for in the directory
+QUBES_CORE_ADMIN_TREES names, else in ``../shared/qubes-core-admin`` beside
+the project, else in a cache (``~/.cache/qubes-reflink``) that
+``python3 tests/hosts.py --trees`` (run by `make test`) fills from the
+project's public git repository, checking each tag and commit id.  A tree
+is only read: it goes on PYTHONPATH (tree, its ``test-packages/``) of a
 subprocess run by that Python, never into the pytest process, where the
 driver is bound to its stand-in.
 
@@ -18,10 +21,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_TREES = os.path.join(ROOT, "..", "shared", "qubes-core-admin")
+#: Where the trees come from when none are beside the checkout.
+UPSTREAM = "https://github.com/QubesOS/qubes-core-admin"
+#: The project's virtual environments, one per Python (`make deps`).
+VENVS = os.path.join(ROOT, ".venv")
 
 #: What the host trees import beyond the standard library, by package name
 #: (setuptools for `distutils`, which Python 3.12 dropped).
@@ -39,6 +47,8 @@ class Release:
     qubes: str
     tag: str
     python: str
+    #: the commit the tree is of (a tag must name it)
+    commit: str
     #: the `make rpm RELEASE=` whose package this host loads
     rpm: str = None
 
@@ -54,16 +64,14 @@ class Release:
 
     def tree(self):
         """The release's qubes-core-admin source tree."""
-        trees = os.environ.get("QUBES_CORE_ADMIN_TREES", DEFAULT_TREES)
-        tree = os.path.realpath(os.path.join(trees, self.tag))
-        if not os.path.isfile(
-            os.path.join(tree, "qubes", "storage", "__init__.py")
-        ):
+        tree = os.path.realpath(os.path.join(trees_dir(), self.tag))
+        if not has_tree(os.path.dirname(tree), self.tag):
             raise HostUnavailable(
-                f"no qubes-core-admin {self.tag} tree at {tree}: put the "
-                f"unmodified source tree of tag {self.tag} there (git "
-                "archive), or set QUBES_CORE_ADMIN_TREES to the directory "
-                "holding it"
+                f"no qubes-core-admin {self.tag} tree at {tree}: run "
+                "`python3 tests/hosts.py --trees` (make test does) to fetch "
+                f"it, or put the unmodified source tree of {self.tag} there "
+                "(git archive), or set QUBES_CORE_ADMIN_TREES to the "
+                "directory holding it"
             )
         return tree
 
@@ -73,45 +81,172 @@ class Release:
 
 
 RELEASES = (
-    Release("R4.2", "v4.2.39", "3.11"),
-    Release("R4.3", "v4.3.50", "3.13"),
+    Release(
+        "R4.2", "v4.2.39", "3.11", "56c439c31bb22562ea9427297fc2c757d800bf11"
+    ),
+    Release(
+        "R4.3", "v4.3.50", "3.13", "68fc8b6bb9176dafac77471efa8599f6dc04da70"
+    ),
     # the development branch: the next release's host
-    Release("next", "main-1ad5f9b8", "3.13", rpm="R4.3"),
+    Release(
+        "next",
+        "main-1ad5f9b8",
+        "3.13",
+        "1ad5f9b84dc1eae76d1b885d009f3e84f5503740",
+        rpm="R4.3",
+    ),
 )
 
 
-def find_python(version):
-    """A Python `version` executable: this one, python`version` on PATH, or
-    pyenv's; each candidate is run to check that it is that version (a
-    pyenv shim may name a version that is not selected)."""
-    if "{}.{}".format(*sys.version_info[:2]) == version:
-        return sys.executable
-    pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    candidates = sorted(
-        glob.glob(
-            os.path.join(
-                pyenv_root, "versions", f"{version}.*", "bin", "python3"
-            )
-        ),
-        key=_version_key,
-        reverse=True,
+def has_tree(trees, tag):
+    """Whether `trees` holds the qubes-core-admin tree `tag`."""
+    return os.path.isfile(
+        os.path.join(trees, tag, "qubes", "storage", "__init__.py")
     )
-    candidates.append(shutil.which(f"python{version}"))
+
+
+def cache_dir():
+    """Where fetched trees are kept, outside the checkout."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(cache, "qubes-reflink", "qubes-core-admin")
+
+
+def trees_dir():
+    """The directory holding the trees: QUBES_CORE_ADMIN_TREES, else
+    ../shared/qubes-core-admin where it exists, else the cache."""
+    named = os.environ.get("QUBES_CORE_ADMIN_TREES")
+    if named:
+        return named
+    if os.path.isdir(DEFAULT_TREES):
+        return os.path.realpath(DEFAULT_TREES)
+    return cache_dir()
+
+
+def fetch_trees():
+    """Make sure every release's tree is there, fetching what the cache
+    lacks; returns the directory holding them.  HostUnavailable says what
+    is missing and how to get it where they can't be fetched."""
+    trees = trees_dir()
+    missing = [r for r in RELEASES if not has_tree(trees, r.tag)]
+    if missing and trees == cache_dir():
+        for release in missing:
+            fetch_tree(release, trees)
+    elif missing:
+        raise HostUnavailable(
+            f"{trees} lacks the qubes-core-admin trees "
+            f"{', '.join(r.tag for r in missing)}: put them there (git "
+            f"archive of {UPSTREAM}), or unset QUBES_CORE_ADMIN_TREES to "
+            "have them fetched"
+        )
+    return trees
+
+
+def fetch_tree(release, trees, url=None):
+    """Fetch `release`'s commit from `url` (QUBES_CORE_ADMIN_URL, else the
+    project's public repository), check that it is that commit and that
+    its tag names it, and unpack it as `trees`/<tag>."""
+    url = url or os.environ.get("QUBES_CORE_ADMIN_URL", UPSTREAM)
+    print(
+        f"fetching qubes-core-admin {release.tag} ({release.commit}) from "
+        f"{url} into {trees}",
+        file=sys.stderr,
+    )
+    os.makedirs(trees, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=trees, prefix=".fetch-") as work:
+        try:
+            _fetch_checked(release, url, work)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            raise HostUnavailable(
+                f"the qubes-core-admin tree {release.tag} is missing and "
+                f"could not be fetched from {url} ({detail.strip()}); "
+                f"fetch it where you are online (git archive {release.commit} "
+                f"of {UPSTREAM}, unpacked as {trees}/{release.tag}), or set "
+                "QUBES_CORE_ADMIN_TREES to a directory holding the trees "
+                f"{', '.join(r.tag for r in RELEASES)}"
+            ) from None
+        os.rename(os.path.join(work, "tree"), os.path.join(trees, release.tag))
+
+
+def _fetch_checked(release, url, work):
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", work, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout.strip()
+
+    git("init", "-q")
+    git("fetch", "-q", "--depth", "1", url, release.commit)
+    fetched = git("rev-parse", "FETCH_HEAD")
+    if fetched != release.commit:
+        raise OSError(f"fetched commit {fetched}, not {release.commit}")
+    if release.tag.startswith("v"):  # a release tag must name that commit
+        listed = git("ls-remote", url, f"refs/tags/{release.tag}^{{}}")
+        tagged = listed.split()[0] if listed else "nothing"
+        if tagged != release.commit:
+            raise OSError(
+                f"tag {release.tag} names {tagged}, not the pinned commit"
+            )
+    os.mkdir(os.path.join(work, "tree"))
+    archive = subprocess.run(
+        ["git", "-C", work, "archive", release.commit],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(
+        ["tar", "-x", "-C", os.path.join(work, "tree")],
+        input=archive,
+        check=True,
+    )
+
+
+def venv_python(version):
+    """The Python of the project's virtual environment for `version`."""
+    return os.path.join(VENVS, f"py{version}", "bin", "python")
+
+
+def find_python(version, base=False):
+    """A Python `version` executable: the project's virtual environment
+    for it (`make deps` makes it), else, and always with `base` (the one to
+    make it from), this one, python`version` or python3 on PATH, pyenv's or
+    uv's; each candidate is run to check that it is that version (a pyenv
+    shim may name a version that is not selected) and, for `base`, that it
+    can make a virtual environment."""
+    pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    uv_root = os.path.expanduser("~/.local/share/uv/python")
+    candidates = [] if base else [venv_python(version)]
+    if sys.prefix == sys.base_prefix or not base:
+        candidates.append(sys.executable)
+    candidates += [shutil.which(f"python{version}"), shutil.which("python3")]
+    for pattern in (
+        os.path.join(pyenv_root, "versions", f"{version}.*", "bin", "python3"),
+        os.path.join(uv_root, f"cpython-{version}.*", "bin", "python3"),
+    ):
+        candidates += sorted(glob.glob(pattern), key=_version_key, reverse=True)
     for candidate in candidates:
-        if candidate and _runs_as(candidate, version):
+        if candidate and _runs_as(candidate, version, base):
             return candidate
     raise HostUnavailable(
-        f"Python {version} is not installed (looked for python{version} on "
-        f"PATH and under {pyenv_root}/versions): install it, e.g. "
-        f"`pyenv install {version}`"
+        f"Python {version} is not installed (looked for python{version} and "
+        f"python3 on PATH, under {pyenv_root}/versions and {uv_root}): "
+        f"install it, e.g. `pyenv install {version}`, or with uv from the "
+        f"package index (`pip install uv; uv python install {version}`); "
+        "on Debian, the system's Python also needs python3-venv"
     )
 
 
-def _runs_as(python, version):
-    """Whether `python` runs and is Python `version`."""
+def _runs_as(python, version, venv=False):
+    """Whether `python` runs and is Python `version` (and, with `venv`,
+    can make a virtual environment with pip in it)."""
+    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    if venv:
+        probe = "import venv, ensurepip; " + probe
     try:
         result = subprocess.run(
-            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            [python, "-c", probe],
             capture_output=True,
             text=True,
             timeout=60,
@@ -276,9 +411,20 @@ def site_view_without_project(python, directory):
     return directory
 
 
-if __name__ == "__main__":
-    # `python3 tests/hosts.py 3.13`: the path of that Python (for make)
+def main(argv):
+    """For make: ``3.13`` prints the path of that Python (its virtual
+    environment first), ``--base 3.13`` the one to make that from,
+    ``--trees`` the directory of the host trees, fetching what is missing."""
     try:
-        print(find_python(sys.argv[1]))
+        if argv[:1] == ["--trees"]:
+            print(fetch_trees())
+        elif argv[:1] == ["--base"]:
+            print(find_python(argv[1], base=True))
+        else:
+            print(find_python(argv[0]))
     except HostUnavailable as error:
         sys.exit(f"tests/hosts.py: {error}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

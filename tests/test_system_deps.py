@@ -16,7 +16,12 @@ SCRIPT = (
 
 
 def run_as_nobody(path_dir, partial=False):
-    """The script as an unprivileged user, with only `path_dir` on PATH."""
+    """The script as an unprivileged user, with only `path_dir` on PATH;
+    run from a copy in `path_dir`, as the checkout may lie where that user
+    can't go (root's home)."""
+    script = os.path.join(path_dir, "ensure-system-deps")
+    shutil.copy(SCRIPT, script)
+    os.chmod(script, 0o755)
     env = {"PATH": str(path_dir)}
     if partial:
         env["PARTIAL"] = "1"
@@ -27,7 +32,7 @@ def run_as_nobody(path_dir, partial=False):
             "--regid=65534",
             "--clear-groups",
         ]
-        + ["/bin/sh", str(SCRIPT)],
+        + ["/bin/sh", script],
         env=env,
         capture_output=True,
         text=True,
