@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -263,6 +264,9 @@ class Scenario(NamedTuple):
     cycle: str = "start_stop"  # or "recreate", "remove", "setup"
     setup_pools: bool = True
     pools: tuple = ("main",)
+    #: key -> data every crash state must still hold, committed or as a
+    #: revision; None: what `must_survive` derives
+    keeps: dict = None
 
 
 SCENARIOS = {}
@@ -691,6 +695,8 @@ _simple(
     # stop reverts
     before={"app/private": D("B")},
     after={"app/private": D("P1")},
+    # the run's data, committed or the one revision kept (not P2)
+    keeps={"app/private": D("B")},
 )
 for _name, _pinned in (
     ("stop_pending_revert", ()),
@@ -710,6 +716,9 @@ for _name, _pinned in (
         # qubesd's recovery stop carries the request out too
         before={"app/private": D("P1")},
         after={"app/private": D("P1")},
+        # with revisions_to_keep 1 the run's data (B) is the revision
+        # kept, not the committed P2 the run started from
+        keeps={"app/private": D("B")},
     )
 
 
@@ -738,6 +747,8 @@ _simple(
     target="app/private",
     before={"app/private": D("P2")},
     after={"app/private": D("P2", SIZE, BIG)},
+    # growing keeps the old data in the grown image, not as a revision
+    keeps={},
 )
 
 
@@ -1181,6 +1192,68 @@ async def _recover_setup(dirs, checks):
 # -- comparing states --------------------------------------------------------
 
 
+def shared_images(world):
+    """Errors for each image file that two volumes share (one inode under
+    names of both): a VM would write into the other's data.  Reflink
+    copies are inodes of their own; only a hard link can do this."""
+    owners = {}
+    for spec in world.specs:
+        files = world.files(spec.key)
+        listing = files.scan()
+        paths = [files.committed, files.dirty]
+        paths += [rev.path for rev in listing.revisions]
+        paths += list(listing.spares.values())
+        for path in paths:
+            found = fileops.stat_or_none(path)
+            if found is not None and stat.S_ISREG(found.st_mode):
+                key = (found.st_dev, found.st_ino)
+                owners.setdefault(key, set()).add(spec.key)
+    return [
+        f"volumes {sorted(keys)} share one image file (inode {inode})"
+        for (_dev, inode), keys in owners.items()
+        if len(keys) > 1
+    ]
+
+
+def must_survive(sc, built):
+    """key -> the data committed before the operation that every crash
+    state must still hold, as the committed image or a listed revision:
+    the committed image an operation replaces (the scenario declares other
+    data after it), on a volume whose revisions_to_keep keeps one.
+
+    Derived from the scenario's declarations and the files as the child
+    built them, never from what the driver did: a driver that drops the
+    old image at a commit can't make the rule vacuous.
+    """
+    if sc.keeps is not None:
+        return dict(sc.keeps)
+    found = {}
+    for spec in sc.vols:
+        state = (built or {}).get(spec.key)
+        old = state.get("committed") if isinstance(state, dict) else None
+        new = sc.after.get(spec.key)
+        rtk = 1 if spec.rtk is None else spec.rtk  # the pool's is 1
+        if spec.save_on_stop and rtk >= 1 and None not in (old, new):
+            if old != new:
+                found[spec.key] = old
+    return found
+
+
+def survival_errors(seen, survive):
+    """Errors for each volume of `seen` that lost data of `survive`."""
+    errors = []
+    for key, data in survive.items():
+        state = seen.get(key)
+        if not isinstance(state, dict):
+            continue
+        if data not in {state["committed"], *state["revisions"].values()}:
+            errors.append(
+                f"{key}: the data committed before the operation "
+                f"({show(data)}) is gone: neither committed nor a revision"
+            )
+    return errors
+
+
 def compare(seen, before, after, built=None):
     """Errors of a state after a crash that is neither before nor after.
 
@@ -1303,6 +1376,7 @@ class Driver:
         for number, step in enumerate(steps, start=1):
             seen, errors = self.point("kill", number)[:2]
             errors += compare(seen, before, after, self.built)
+            errors += survival_errors(seen, must_survive(self.sc, self.built))
             self.crashed += 1
             where = f"{step[1]} {step[0]} {' '.join(step[2])}"
             self.failures += [f"#{number} ({where}): {e}" for e in errors]

@@ -36,6 +36,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ import crashharness
 from crashharness import World
 from loopfs import MKFS, unmount
 
+import qubes_reflink
 from qubes_reflink import cli, fileops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,24 +121,70 @@ def mounted(image, mountpoint):
 
 
 def outside_listing(mountpoint, pool_dir):
-    """Every file outside the pool on the filesystem, with its digest:
-    what the driver must never touch."""
+    """Everything on the filesystem outside the pool directory: each
+    file's digest, each directory, each symbolic link's target, each
+    mode: what the driver must never touch."""
     found = {}
     for root, dirs, names in os.walk(mountpoint):
         dirs[:] = [d for d in dirs if os.path.join(root, d) != pool_dir]
-        for name in names:
+        for name in dirs + names:
             path = os.path.join(root, name)
-            found[os.path.relpath(path, mountpoint)] = crashharness.digest(path)
+            status = os.lstat(path)
+            if os.path.islink(path):
+                what = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                what = ("dir",)
+            else:
+                what = ("file", crashharness.digest(path))
+            found[os.path.relpath(path, mountpoint)] = what + (
+                stat.S_IMODE(status.st_mode),
+            )
     return found
 
 
-def write_bystander(mountpoint):
-    """A file of the user's beside the pool, made durable."""
-    os.makedirs(os.path.join(mountpoint, "home"), exist_ok=True)
-    path = os.path.join(mountpoint, "home", "notes.txt")
-    with open(path, "wb") as notes:
-        notes.write(b"not the driver's\n" * 1000)
-        os.fsync(notes.fileno())
+def write_bystanders(mountpoint, beside_pool):
+    """The user's files around the pool, made durable: a file, a link to
+    it and an empty directory in their home, and a file beside the pool
+    directory."""
+    home = os.path.join(mountpoint, "home")
+    os.makedirs(os.path.join(home, "empty"), exist_ok=True)
+    for path in (
+        os.path.join(home, "notes.txt"),
+        os.path.join(beside_pool, "notes.txt"),
+    ):
+        with open(path, "wb") as notes:
+            notes.write(b"not the driver's\n" * 1000)
+            os.fsync(notes.fileno())
+    os.symlink("notes.txt", os.path.join(home, "link"))
+    os.sync()
+
+
+#: Each filesystem's own checker, read-only (on the image of a state).
+CHECKERS = {
+    "btrfs": ("btrfs", "check", "--readonly"),
+    "xfs": ("xfs_repair", "-n", "-f"),
+    "ext4": ("e2fsck", "-f", "-n"),
+}
+
+
+def fs_check_errors(image, fstype, mountpoint):
+    """What the filesystem's checker finds wrong with the state `image`.
+
+    btrfs check reads the committed trees as they are; XFS and ext4 first
+    get their journal replayed by a mount, as xfstests does before it
+    checks (their checkers refuse, or report damage, on an unreplayed
+    journal)."""
+    if fstype != "btrfs":
+        with mounted(image, mountpoint):
+            pass
+    command = [*CHECKERS[fstype], image]
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False
+    )
+    if result.returncode == 0:
+        return []
+    output = (result.stdout + result.stderr).strip().splitlines()[-5:]
+    return [f"{' '.join(command[:-1])}: exit {result.returncode}: {output}"]
 
 
 # -- recording ---------------------------------------------------------------
@@ -179,13 +227,18 @@ def record(config, sc, mountpoint):
     with logging_device(work, config["fstype"]) as disk:
         with mounted(disk, mountpoint):
             os.mkdir(dirs["main"])
-            write_bystander(mountpoint)
+            write_bystanders(mountpoint, dirs["main"])
             built = asyncio.run(
                 record_operation(sc, dirs, disk, config["no_fsync"])
             )
-            outside = outside_listing(mountpoint, os.path.join(dirs["main"]))
+            outside = outside_listing(mountpoint, pool_dir(dirs))
     os.unlink(os.path.join(work, "image"))
     return blocklog.read_log(work), built, outside
+
+
+def pool_dir(dirs):
+    """The pool's dir_path in the world of `dirs` (crashharness.World)."""
+    return os.path.join(dirs["main"], "pool")
 
 
 # -- crash states ------------------------------------------------------------
@@ -202,8 +255,11 @@ class CrashState:
 
 
 def crash_states(records, config):
-    """The states to check: every flush point (or a seeded sample of them)
-    and seeded subsets of the writes after each; the end state last."""
+    """The distinct states to check (the same set of applied writes is one
+    state, however it was reached): every flush point (or a seeded sample
+    of them) and, after each, the interval's writes with its last one
+    missing, a seeded prefix of them, and seeded subsets; the end state
+    last."""
     rng = random.Random(config["seed"])
     labels = {r.label: i for i, r in enumerate(records) if r.kind == b"M"}
     start, done = labels[OP_START], labels[OP_DONE]
@@ -214,22 +270,40 @@ def crash_states(records, config):
     points = [f for f in flushes if f > start]
     if not config["every_flush"] and len(points) > config["states"]:
         points = sorted(rng.sample(points, config["states"]))
+    states, seen = [], set()
+
+    def add(name, writes, must_be_after):
+        key = frozenset(writes)
+        if key not in seen:
+            seen.add(key)
+            states.append(CrashState(name, writes, must_be_after))
+
+    end = _writes(records, 0, len(records))
+    seen.add(frozenset(end))  # the end state comes last, whatever equals it
     points = [start] + points
-    states = []
+    for point in points:  # the flush points first: they keep their names
+        add(f"flush@{point}", _writes(records, 0, point), point >= promised)
     for point in points:
         durable = _writes(records, 0, point)
-        after = point >= promised
-        states.append(CrashState(f"flush@{point}", durable, after))
         following = _writes(records, point, _next(flushes, point, records))
-        for number in range(_subset_count(len(following), config)):
-            lost_some = [i for i in following if rng.random() < 0.5]
-            states.append(
-                CrashState(
-                    f"flush@{point}+subset{number}", durable + lost_some, after
-                )
-            )
-    states.append(CrashState("end", _writes(records, 0, len(records)), True))
+        for name, writes in _interval_states(following, config, rng):
+            add(f"flush@{point}+{name}", durable + writes, point >= promised)
+    states.append(CrashState("end", end, True))
     return states
+
+
+def _interval_states(following, config, rng):
+    """(name, writes) of the states within one interval between flushes:
+    its last write missing, a prefix of it (writes reach the disk in
+    order), and seeded subsets (each may have been lost on its own)."""
+    if len(following) < 2:
+        return []
+    found = [("last-missing", following[:-1])]
+    found.append(("prefix", following[: rng.randrange(1, len(following))]))
+    for number in range(_subset_count(len(following), config)):
+        lost_some = [i for i in following if rng.random() < 0.5]
+        found.append((f"subset{number}", lost_some))
+    return found
 
 
 def _writes(records, begin, end):
@@ -293,18 +367,21 @@ def fsck_errors(pool_dir):
 
 
 async def check_state(sc, dirs):
-    """qubesd restarts on the mounted state: (seen, errors)."""
+    """qubesd restarts on the mounted state: (seen, errors, data errors:
+    volumes that share an image file)."""
     seen, errors = await crashharness.recover(dirs, {"main": False}, sc)
+    shared = []
     if sc.cycle != "setup":
         world = World(dirs, {"main": False}, sc.vols)
         world.make_pools()
         world.make_volumes()
+        shared = crashharness.shared_images(world)
         await export_and_revert(world, errors)
         for pool in world.pools.values():
             await pool.close()
     if os.path.isdir(os.path.join(dirs["main"], "pool")):
         errors += fsck_errors(os.path.join(dirs["main"], "pool"))
-    return seen, errors
+    return seen, errors, shared
 
 
 def strict_compare(seen, after):
@@ -334,28 +411,52 @@ class Campaign:
         self.sc = crashharness.SCENARIOS[config["op"]]
         self.mountpoint = os.path.join(config["work"], "mnt")
         self.dirs = {"main": os.path.join(self.mountpoint, "qubes")}
-        self.counts = {"built": 0, "mounted": 0, "checked": 0, "lost": 0}
+        self.counts = {
+            "built": 0,
+            "fs_checked": 0,
+            "mounted": 0,
+            "checked": 0,
+            "lost": 0,
+        }
         self.failures = []
 
     def check(self, records, state, outside):
-        """Mount and check one state; (seen, errors, lost)."""
+        """Mount and check one state; (seen, errors, data errors)."""
         image = os.path.join(self.config["work"], "state")
         build_image(self.config["work"], records, state, image)
         self.counts["built"] += 1
         try:
+            errors = []
+            if self.config.get("fs_check"):
+                errors += fs_check_errors(
+                    image, self.config["fstype"], self.mountpoint
+                )
+                self.counts["fs_checked"] += 1
             with mounted(image, self.mountpoint):
                 self.counts["mounted"] += 1
-                errors = []
-                now = outside_listing(self.mountpoint, self.dirs["main"])
-                if now != outside:
-                    errors.append(f"outside dir_path: {outside} -> {now}")
-                seen, more = asyncio.run(check_state(self.sc, self.dirs))
+                errors += self.outside_errors(outside, "before recovery")
+                seen, more, shared = asyncio.run(
+                    check_state(self.sc, self.dirs)
+                )
+                errors += self.outside_errors(outside, "after recovery")
                 self.counts["checked"] += 1
-                return seen, errors + more
+                return seen, errors + more, shared
         except subprocess.CalledProcessError as err:
-            return None, [f"does not mount: {err.stderr.decode().strip()}"]
+            return None, [f"does not mount: {err.stderr.decode().strip()}"], []
         finally:
             os.unlink(image)
+
+    def outside_errors(self, outside, when):
+        """What changed outside dir_path since the recording."""
+        now = outside_listing(self.mountpoint, pool_dir(self.dirs))
+        if now == outside:
+            return []
+        changed = sorted(
+            path
+            for path in set(now) | set(outside)
+            if now.get(path) != outside.get(path)
+        )
+        return [f"outside dir_path, {when}: changed {changed}"]
 
     def run(self):
         """The whole campaign; the result dict."""
@@ -370,9 +471,13 @@ class Campaign:
         self._fail(
             "expected", crashharness.check_expectations(self.sc, before, after)
         )
-        for state, (seen, errors) in zip(states, checked):
+        survive = crashharness.must_survive(self.sc, built)
+        self.counts["guarded"] = len(survive)
+        for state, (seen, errors, shared) in zip(states, checked):
             if seen is not None:
                 lost = crashharness.compare(seen, before, after, built)
+                lost += crashharness.survival_errors(seen, survive)
+                lost += shared
                 if state.must_be_after:
                     lost += strict_compare(seen, after)
                 self.counts["lost"] += bool(lost)
@@ -389,6 +494,8 @@ class Campaign:
         return {
             "op": self.config["op"],
             "fstype": self.config["fstype"],
+            # which driver ran: tests/mutants.py runs copies of it
+            "driver": os.path.dirname(qubes_reflink.__file__),
             "writes": kinds.count(blocklog.WRITE),
             "flushes": kinds.count(blocklog.FLUSH),
             **self.counts,
