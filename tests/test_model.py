@@ -122,6 +122,8 @@ class OriginModel:
         self.running = None
         self.gen = 0  # the committed version: new data, new number
         self.initial = 0  # size at create()
+        self.pending = None  # the revision a revert while running asked for
+        self.run_ts = 0  # the running image's mtime when the stop began
 
     def created(self, size):
         """After create(): an empty image, no revisions."""
@@ -169,9 +171,28 @@ class OriginModel:
         self.running = self.committed
 
     def stop(self):
-        """stop(): the running image becomes committed."""
-        self.commit(self.running, _mtime(self.path))
+        """stop(): the running image becomes committed, or, with a revert
+        asked for while it ran, the newest revision (after the committed
+        data it started from), and the chosen revision the committed."""
+        if self.pending is None:
+            self.commit(self.running, _mtime(self.path))
+        else:
+            self._apply_revert()
         self.running = None
+
+    def _apply_revert(self):
+        rev, self.pending = self.pending, None
+        number = max((r.number for r in self.revisions), default=0)
+        if self.rtk > 0:
+            self.revisions.append(
+                Rev(number + 1, self.ts, self.committed, self.gen)
+            )
+            self.revisions.append(
+                Rev(number + 2, self.run_ts, self.running, next(_VERSIONS))
+            )
+        self.revisions.remove(rev)
+        self.committed, self.ts, self.gen = rev.data, rev.ts, rev.version
+        self._prune()
 
     def size(self, _machine):
         """What volume.size must say."""
@@ -466,6 +487,9 @@ class ReflinkMachine(RuleBasedStateMachine):
         models = self.vms[name]
 
         async def coro():
+            for model in models.values():
+                if getattr(model, "pending", None) is not None:
+                    model.run_ts = _mtime(model.volume.path)
             await asyncio.gather(*(m.volume.stop() for m in models.values()))
 
         def apply(_result):
@@ -514,16 +538,19 @@ class ReflinkMachine(RuleBasedStateMachine):
             rev, arg = None, "99999"
         else:
             rev, arg = choice, str(choice.number)
-        fails = self.running[name] or rev is None
+        running = self.running[name]
 
         async def coro():
             await model.volume.revert(arg)
 
         def apply(_result):
+            if running:  # carried out at the stop; a second replaces it
+                model.pending = rev
+                return
             model.revert(rev)
             assert _mtime(model.path) == rev.ts
 
-        return Plan(coro, apply, expect_error=fails)
+        return Plan(coro, apply, expect_error=rev is None)
 
     def plan_resize(self, name, data):
         """Grow or shrink one volume, running or not."""
