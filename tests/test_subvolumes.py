@@ -300,6 +300,30 @@ async def test_resize_running_grows_the_image_in_its_subvolume(btrfs_dir):
     await pool.close()
 
 
+async def test_renewal_asked_for_during_a_removal_makes_nothing(btrfs_dir):
+    """A template's new snapbase renews its AppVMs' ready snapshots; one
+    asked for while an AppVM's root is being removed must make nothing in
+    the directory its other volumes are leaving (found by the long model
+    run: the VM directory stayed, holding a ready snapshot)."""
+    pool = await new_pool(btrfs_dir)
+    tpl = await template(pool)
+    vm = FakeVM("app")
+    root = snapshot(pool, vm, tpl)
+    private = origin(pool, vm)
+    for volume in (root, private):
+        await volume.create()
+    await pool.wait_background()
+    removal = asyncio.create_task(root.remove())
+    while not pool.background.live(root.vid).lock.locked():
+        await asyncio.sleep(0)
+    pool.background.want(root)  # as the template's renewal would
+    await removal
+    await private.remove()
+    await pool.wait_background()
+    assert not os.path.lexists(os.path.join(pool.root, "appvms", "app"))
+    await pool.close()
+
+
 async def test_remove_destroys_the_subvolumes(btrfs_dir):
     """Removing the template and its AppVM leaves no subvolume behind."""
     pool = await new_pool(btrfs_dir)
