@@ -527,6 +527,22 @@ _simple(
     target="app/root",
     after={"tpl/root": D("A")},
 )
+# a template update while its AppVM holds a ready snapshot (btrfs): the
+# commit, then in the background a new snapbase, a spare, and the AppVM's
+# ready snapshot made again
+_simple(
+    "stop_template_with_ready_snapshots",
+    [TPL_ROOT, APP_ROOT],
+    _then(
+        build_app,
+        lambda w, s: w.run("app/root", "S"),
+        lambda w, s: w.start_write("tpl/root", "C"),
+    ),
+    _stop("tpl/root"),
+    target="tpl/root",
+    before={"tpl/root": D("C")},
+    after={"tpl/root": D("C")},
+)
 _simple(
     "stop_origin_snapshot",
     [TPL_ROOT, SOLO_ROOT],

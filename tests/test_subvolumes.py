@@ -186,6 +186,40 @@ async def test_start_without_ready_snapshots_the_snapbase(btrfs_dir, steps):
     await pool.close()
 
 
+async def test_snapbase_destroyed_during_a_start(btrfs_dir):
+    """The template's snapbase goes (a newer version's background work
+    destroys it) just as a start snapshots it: the start falls back to
+    the template's spare or a clone, and the AppVM gets the template's
+    committed data, on the real ioctls."""
+    pool = await new_pool(btrfs_dir)
+    tpl = await template(pool)
+    (root,) = await appvms(pool, tpl, 1)
+    for path in readies(root).values():
+        btrfs.destroy(path)
+    (snapbase,) = snapbases(tpl)
+    gone = []
+
+    def destroy_first(step, phase, paths):
+        if (step, phase) == ("subvolume-snapshot", "before") and not gone:
+            if paths[0] == snapbase:
+                gone.append(snapbase)
+                btrfs.destroy(snapbase)
+
+    previous = fileops.set_step_hook(destroy_first)
+    try:
+        await root.start()
+    finally:
+        fileops.set_step_hook(previous)
+    assert gone and not os.path.exists(snapbase)
+    assert read_image(root.path, 3) == b"<A>"
+    write_image(root.path, b"VM!")
+    assert read_image(committed(tpl), 3) == b"<A>"
+    await root.stop()
+    await pool.wait_background()
+    assert snapbases(tpl)  # made again for the next starts
+    await pool.close()
+
+
 async def test_many_start_together_each_its_own(btrfs_dir, steps):
     """Forty AppVMs started at once: forty renames of their ready
     snapshots, no snapshot and no clone on the way, each VM writing only
