@@ -3,7 +3,8 @@
 
 Scenarios: origin (start and stop of origin volumes at every image: the
 picture), snapshot (AppVM root and disposable starts), export (export and
-revert), import (btrfs->xfs import_volume), many (--vms VMs started and
+revert), import (btrfs->xfs import_volume; and both ways beside the core
+driver's import_volume), many (--vms VMs started and
 stopped at once), spares (spares at scale: reflinks of a template root of
 --spares-extents extents, and --vms AppVMs of it), boot (boot storms: up
 to --vms AppVMs of such a template started together, by subvolume
@@ -118,6 +119,7 @@ async def run(args, mounts):
     # pylint: disable=import-outside-toplevel
     from . import scenarios
     from .bootstorm import boot_storms
+    from .coreimport import import_side_by_side
     from .spares import spares_at_scale
 
     rows, curves, benches, storms = [], {}, {}, {}
@@ -138,6 +140,11 @@ async def run(args, mounts):
         rows += await scenarios.cross_filesystem_import(
             mounts["btrfs"], mounts["xfs"], max(3, args.reps - 2)
         )
+        for src, dst in (("btrfs", "xfs"), ("xfs", "btrfs")):
+            benches[src].base_images()
+            rows += await import_side_by_side(
+                src, mounts[src], dst, mounts[dst], max(3, args.reps - 2)
+            )
     if "many" in args.only:
         for fstype, bench in benches.items():
             bench.base_images()
