@@ -38,6 +38,7 @@ _SUBVOL_CREATE = _iow(14, _VOL_ARGS.size)
 _SNAP_DESTROY = _iow(15, _VOL_ARGS.size)
 _SNAP_CREATE_V2 = _iow(23, _VOL_ARGS_V2.size)
 _SNAP_DESTROY_V2 = _iow(63, _VOL_ARGS_V2.size)
+_SUBVOL_SETFLAGS = _iow(26, 8)  # __u64 flags
 _SUBVOL_RDONLY = 1 << 1
 #: The inode number of every subvolume's top directory.
 _SUBVOL_INODE = 256
@@ -109,7 +110,10 @@ def destroy(path):
     """Delete the subvolume `path` with what it holds; missing is fine.
 
     The v2 ioctl first; kernels before 5.7 (EINVAL, ENOTTY) get the old
-    one.  A directory that is no subvolume is refused (EINVAL).
+    one.  Where the kernel does not permit it (no CAP_SYS_ADMIN, as in a
+    user namespace), the subvolume is emptied and removed as a directory,
+    which its owner may do.  A directory that is no subvolume is refused
+    (EINVAL).
     """
     if not os.path.lexists(path):
         return
@@ -117,10 +121,30 @@ def destroy(path):
         raise OSError(errno.EINVAL, "not a btrfs subvolume", path)
     with step("subvolume-destroy", path), _dir_fd(os.path.dirname(path)) as fd:
         try:
-            args = _VOL_ARGS_V2.pack(0, 0, 0, _name(path))
-            _ioctl(fd, _SNAP_DESTROY_V2, args)
-        except OSError as err:
-            if err.errno not in (errno.EINVAL, errno.ENOTTY):
-                raise
-            _ioctl(fd, _SNAP_DESTROY, _VOL_ARGS.pack(0, _name(path)))
+            _destroy_ioctl(fd, path)
+        except PermissionError:
+            _remove_as_directory(path)
     log.info("destroyed subvolume %s", path)
+
+
+def _destroy_ioctl(fd, path):
+    try:
+        args = _VOL_ARGS_V2.pack(0, 0, 0, _name(path))
+        _ioctl(fd, _SNAP_DESTROY_V2, args)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTTY):
+            raise
+        _ioctl(fd, _SNAP_DESTROY, _VOL_ARGS.pack(0, _name(path)))
+
+
+def _remove_as_directory(path):
+    """Remove the subvolume `path` the way its owner may (Linux 4.18 and
+    later rmdir an empty subvolume): made writable if it is read-only (a
+    snapbase), then the files the layout keeps in it (``image.img``) are
+    unlinked, then the directory removed."""
+    with _dir_fd(path) as fd:
+        fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", 0))
+        for name in os.listdir(fd):
+            os.unlink(name, dir_fd=fd)
+            log.info("removed %s", os.path.join(path, name))
+    os.rmdir(path)

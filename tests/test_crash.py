@@ -88,7 +88,7 @@ class CrashRuns:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_harness(op, dirs, checks, env=None):
+def _run_harness(op, dirs, checks, env=None, prefix=()):
     with tempfile.TemporaryDirectory() as work:
         config = os.path.join(work, "config.json")
         out = os.path.join(work, "result.json")
@@ -98,7 +98,7 @@ def _run_harness(op, dirs, checks, env=None):
                 config_file,
             )
         proc = subprocess.run(
-            [sys.executable, HARNESS, config],
+            [*prefix, sys.executable, HARNESS, config],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=1800,
@@ -213,6 +213,25 @@ def test_harness_notices_a_non_atomic_replace(crash_mounts):
     result = _run_harness("resize_stopped", dirs, {"main": True}, env)
     lost = [f for f in result["failures"] if "committed None" in f]
     assert lost, result["failures"]
+
+
+#: A user namespace whose root has no CAP_SYS_ADMIN over the filesystem:
+#: btrfs makes and snapshots subvolumes there, and refuses to destroy them.
+NO_DESTROY = ("unshare", "--user", "--map-root-user")
+
+
+@pytest.mark.parametrize(
+    "refused_op",
+    ["stop_snapshot", "stop_template_with_ready_snapshots", "remove_snapshot"],
+)
+def test_crash_where_btrfs_refuses_to_destroy(crash_mounts, refused_op):
+    """The harness, its driver and every crash point in such a namespace:
+    the kernel refuses the destroy ioctl for real, and the driver's stops,
+    template update and removal, killed at every step, still recover."""
+    dirs = {"main": tempfile.mkdtemp(dir=crash_mounts("btrfs"))}
+    result = _run_harness(refused_op, dirs, {"main": True}, prefix=NO_DESTROY)
+    assert result.get("points", 0) > 0, result
+    assert not result["failures"], "\n".join(result["failures"][:20])
 
 
 def _state(committed, revisions, size=1, pins=()):

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -356,6 +358,87 @@ async def test_renewal_asked_for_during_a_removal_makes_nothing(btrfs_dir):
     await pool.wait_background()
     assert not os.path.lexists(os.path.join(pool.root, "appvms", "app"))
     await pool.close()
+
+
+_REFUSED_LIFE = """
+import asyncio, json, os, sys
+from helpers import FakeVM, new_pool, origin, snapshot, read_image, write_image
+from qubes_reflink import btrfs, fileops
+
+async def run(volume, data):
+    await volume.start()
+    write_image(volume.path, data)
+    await volume.stop()
+
+async def main(top):
+    probe = os.path.join(top, "probe")
+    btrfs.create(probe)
+    try:
+        btrfs._destroy_ioctl(os.open(top, os.O_RDONLY), probe)
+        refused = False
+    except PermissionError:
+        refused = True
+    btrfs.destroy(probe)
+    pool = await new_pool(top)
+    tpl = origin(pool, FakeVM("tpl", "vm-templates"), "root")
+    await tpl.create()
+    await run(tpl, b"<A>")
+    root = snapshot(pool, FakeVM("app"), tpl)
+    await root.create()
+    await pool.wait_background()
+    seen = []
+    for data in (b"<B>", b"<C>"):
+        await root.start()
+        seen.append(read_image(root.path, 3).decode())
+        write_image(root.path, b"VM!")
+        await root.stop()
+        await run(tpl, data)
+        await pool.wait_background()
+    await root.remove()
+    await tpl.remove()
+    await pool.wait_background()
+    await pool.close()
+    left = [os.path.relpath(os.path.join(d, n), pool.root)
+            for d, dirs, files in os.walk(pool.root) for n in dirs + files]
+    print(json.dumps({"refused": refused, "seen": seen, "left": left,
+                      "probe": os.path.exists(probe)}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_destroy_refused_by_the_kernel_for_real(btrfs_dir, tmp_path):
+    """In a user namespace root has no CAP_SYS_ADMIN over the filesystem:
+    btrfs creates and snapshots subvolumes there but refuses to destroy
+    them (EPERM), for real.  Stops, a template's new snapbase (read-only)
+    and removals still destroy theirs (emptied and removed as directories,
+    as their owner may), and AppVMs still start from their template's
+    data."""
+    top = tempfile.mkdtemp(dir=btrfs_dir)
+    os.chmod(top, 0o755)
+    script = tmp_path / "life.py"
+    script.write_text(_REFUSED_LIFE)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    result = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            sys.executable,
+            str(script),
+            top,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["refused"], "the kernel did not refuse: nothing tested"
+    assert not outcome["probe"]
+    assert outcome["seen"] == ["<A>", "<B>"]
+    assert sorted(outcome["left"]) == ["appvms", "vm-templates"]
 
 
 async def test_remove_destroys_the_subvolumes(btrfs_dir):
