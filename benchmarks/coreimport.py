@@ -21,8 +21,8 @@ import hosts
 from helpers import FakeVM, new_pool, origin
 
 from .images import MIB
-from .measure import median_ms, syncfs, timed
-from .scenarios import committed_path, put_image, row
+from .measure import median_ms, timed
+from .scenarios import put_image, row
 
 #: The host whose core driver is measured (R4.3, the newest release).
 CORE_RELEASE = hosts.RELEASES[1]
@@ -52,7 +52,6 @@ _CORE_CHILD = textwrap.dedent("""
         await qubes.utils.coro_maybe(volume.create())
         times = []
         for _ in range(int(reps)):
-            os.sync()
             start = time.perf_counter()
             await volume.import_volume(Source())
             times.append(time.perf_counter() - start)
@@ -60,6 +59,14 @@ _CORE_CHILD = textwrap.dedent("""
 
     asyncio.run(main())
     """)
+
+
+def drop_caches():
+    """Write everything back, then empty the page cache: each import reads
+    its source from the disk, as one from another disk in dom0 does."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as drop:
+        drop.write("3\n")
 
 
 def core_import_times(pool_dir, source, reps):
@@ -103,17 +110,20 @@ async def import_side_by_side(
     ours, core = [], []
     core_dir = os.path.join(dst_mount, f"core-{src_fstype}")
     for _rep in range(reps):
-        syncfs(dst_mount)
+        drop_caches()
         ours.append(await timed(dst.import_volume(src)))
         await dst_pool.wait_background()
-        syncfs(dst_mount)
-        core += core_import_times(core_dir, committed_path(src), 1)
+        # the core driver reads what this driver reads: an export of the
+        # source (a clone of its own), from a cold cache
+        export = await src.export()
+        drop_caches()
+        core += core_import_times(core_dir, export, 1)
+        await src.export_end(export)
     for pool in (src_pool, dst_pool):
         await pool.wait_background()
         await pool.close()
     where = f"{src_fstype}->{dst_fstype}"
     ratio = median_ms(ours) / median_ms(core)
-    verdict = "pass" if ratio <= 1.0 else "FAIL"
     print(
         f"[{where}] import_volume of 1 GiB: this driver {median_ms(ours):.0f}"
         f" ms, the core driver {median_ms(core):.0f} ms ({ratio:.2f} x)",
@@ -123,7 +133,9 @@ async def import_side_by_side(
     ours_row.update(
         image="random-1g",
         x_core=round(ratio, 2),
-        target=f"{ratio:.2f} x the core driver's (<= 1.0) {verdict}",
+        target="median <= the core driver's",
+        got=f"{ratio:.2f} x the core driver's (<= 1.0)",
+        **{"pass": ratio <= 1.0},
     )
     core_row = row(
         where, f"import_volume, the core driver ({CORE_RELEASE.tag})", core
