@@ -41,7 +41,8 @@ import time
 import traceback
 from typing import NamedTuple
 
-from qubes_reflink import ReflinkPool, fileops, layout, revisions, settings
+from qubes_reflink import ReflinkPool, btrfs, fileops, layout, revisions
+from qubes_reflink import settings
 from qubes_reflink import trash
 from qubes_reflink.host import StoragePoolException
 
@@ -542,6 +543,58 @@ _simple(
     target="tpl/root",
     before={"tpl/root": D("C")},
     after={"tpl/root": D("C")},
+)
+
+
+def _drop_readies(key):
+    """Destroy the ready snapshots of `key` (btrfs): its start then
+    snapshots its source's snapbase."""
+
+    def drop(world):
+        for path in world.files(key).scan().readies.values():
+            btrfs.destroy(path)
+
+    return drop
+
+
+def _start_as_the_snapbase_goes(key, source):
+    """Start `key` while its source's snapbase is destroyed (as a newer
+    version's background work does) just before the start snapshots it:
+    chained after the harness's own step hook, so crash points stay the
+    same from run to run."""
+
+    async def op(world, _state):
+        snapbases = set(world.files(source).scan().snapbases.values())
+        previous = fileops.set_step_hook(None)
+
+        def hook(step, phase, paths):
+            if previous is not None:
+                previous(step, phase, paths)
+            if step == "subvolume-snapshot" and phase == "before":
+                if paths[0] in snapbases:
+                    snapbases.clear()
+                    btrfs.destroy(paths[0])
+
+        fileops.set_step_hook(hook)
+        try:
+            await world.vols[key].start()
+        finally:
+            fileops.set_step_hook(previous)
+
+    return op
+
+
+_simple(
+    "start_snapshot_as_the_snapbase_goes",
+    [TPL_ROOT, APP_ROOT],
+    _then(
+        build_app,
+        lambda w, s: w.run("app/root", "S"),
+        _sync(_drop_readies("app/root")),
+    ),
+    _start_as_the_snapbase_goes("app/root", "tpl/root"),
+    target="app/root",
+    after={"tpl/root": D("A")},
 )
 _simple(
     "stop_origin_snapshot",
