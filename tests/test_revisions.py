@@ -36,6 +36,16 @@ async def run(volume, payload):
     await volume.stop()
 
 
+async def volume_after(pool, rtk, *labels):
+    """A private volume (revisions_to_keep `rtk`) after a run writing
+    each of `labels` in turn."""
+    volume = origin(pool, FakeVM("work"), revisions_to_keep=rtk)
+    await volume.create()
+    for label in labels:
+        await run(volume, data(label))
+    return volume
+
+
 def contents(volume, revision):
     """The first bytes of revision `revision` of `volume`."""
     directory = os.path.dirname(committed(volume))
@@ -73,10 +83,7 @@ async def restarted(pool, volume, **options):
 
 
 async def test_pinned_revision_outlives_restarts_and_reverts(pool, capsys):
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=1)
-    await volume.create()
-    await run(volume, data("wanted"))
-    await run(volume, data("next"))
+    volume = await volume_after(pool, 1, "wanted", "next")
     (wanted,) = volume.revisions
     assert contents(volume, wanted) == data("wanted")
     code, out, _ = tool(capsys, "pin", pool.root, volume.vid, wanted)
@@ -99,10 +106,7 @@ async def test_pinned_revision_outlives_restarts_and_reverts(pool, capsys):
 
 
 async def test_unpinned_revision_is_pruned_at_the_next_commit(pool, capsys):
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=1)
-    await volume.create()
-    await run(volume, data("a"))
-    await run(volume, data("b"))
+    volume = await volume_after(pool, 1, "a", "b")
     (first,) = volume.revisions
     assert tool(capsys, "pin", pool.root, volume.vid, first)[0] == 0
     await run(volume, data("c"))
@@ -115,10 +119,7 @@ async def test_unpinned_revision_is_pruned_at_the_next_commit(pool, capsys):
 
 
 async def test_pin_refusals_say_what_to_do(pool, capsys, tmp_path):
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=1)
-    await volume.create()
-    await run(volume, data("a"))
-    await run(volume, data("b"))
+    volume = await volume_after(pool, 1, "a", "b")
     (revision,) = volume.revisions
     before = sorted(os.listdir(os.path.dirname(committed(volume))))
     cases = [
@@ -149,10 +150,7 @@ async def test_a_pin_holds_or_fails_while_qubesd_prunes(pool):
     """qubesd prunes under the volume directory's lock: a pin waits for
     it, then sees the revision gone and fails, instead of reporting a pin
     of a revision that is about to go."""
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=1)
-    await volume.create()
-    await run(volume, data("a"))
-    await run(volume, data("b"))
+    volume = await volume_after(pool, 1, "a", "b")
     (revision,) = volume.revisions
     files = layout.VolumeFiles(pool.root, volume.vid)
     outcome = {}
@@ -233,10 +231,7 @@ async def test_restore_point_setting_refused_when_bad(any_dir, capsys):
 
 
 async def test_revert_while_running_applies_at_stop(pool, capsys):
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=2)
-    await volume.create()
-    await run(volume, data("good"))
-    await run(volume, data("broken"))
+    volume = await volume_after(pool, 2, "good", "broken")
     good = list(volume.revisions)[-1]
     assert contents(volume, good) == data("good")
     await volume.start()
@@ -258,10 +253,7 @@ async def test_revert_while_running_applies_at_stop(pool, capsys):
 
 
 async def test_pending_revert_survives_a_restart(pool):
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=1)
-    await volume.create()
-    await run(volume, data("good"))
-    await run(volume, data("bad"))
+    volume = await volume_after(pool, 1, "good", "bad")
     (good,) = volume.revisions
     await volume.start()
     write_image(dirty(volume), data("run"))
@@ -298,10 +290,7 @@ async def test_second_request_replaces_and_cancel_drops(pool, capsys):
 async def test_revert_while_running_without_revisions_kept(pool, capsys):
     """revisions_to_keep 0: the run's data is not kept; a pinned revision
     is the one to go back to, and stays."""
-    volume = origin(pool, FakeVM("work"), revisions_to_keep=1)
-    await volume.create()
-    await run(volume, data("pinned"))
-    await run(volume, data("later"))
+    volume = await volume_after(pool, 1, "pinned", "later")
     (pinned,) = volume.revisions
     assert tool(capsys, "pin", pool.root, volume.vid, pinned)[0] == 0
     volume.revisions_to_keep = 0
