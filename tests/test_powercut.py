@@ -214,6 +214,29 @@ def test_power_cut_every_flush(campaigns, fstype, op):
     _assert_survived(campaigns.result(fstype, op, FULL))
 
 
+REFUSED_OPS = [
+    "stop_snapshot",
+    "stop_template_with_ready_snapshots",
+    "remove_snapshot",
+]
+
+
+@pytest.mark.parametrize(
+    "op,sampling",
+    [("stop_template_with_ready_snapshots", SAMPLE)]
+    + [pytest.param(op, FULL, marks=pytest.mark.slow) for op in REFUSED_OPS],
+    ids=["sample"] + REFUSED_OPS,
+)
+def test_power_cut_where_btrfs_refuses_to_destroy(op, sampling):
+    """The driver (and qubesd's restart after the cut) in a user namespace,
+    where btrfs refuses to destroy subvolumes for real: at every flush
+    point (make powercut; make test: a sample) of a snapshot volume's
+    stop, a template update with ready snapshots and a removal, no
+    committed data is lost."""
+    result = run_campaign("btrfs", op, {**sampling, "user_namespace": True})
+    _assert_survived(result)
+
+
 @pytest.mark.parametrize("fstype", FILESYSTEMS)
 def test_without_fsync_the_campaign_reports_losses(fstype):
     """The method bites: with the driver's fsyncs disabled, an import that
