@@ -170,6 +170,8 @@ class Revisions:
         request.  From any step, the next stop finishes it."""
         files = self._files
         wanted = _newest_request(listing)
+        if wanted not in {rev.id for rev in listing.revisions}:
+            return self._revert_target_gone(wanted, policy, listing)
         if os.path.exists(files.dirty):
             self._retire_running(policy, listing)
             listing = files.scan()
@@ -183,6 +185,21 @@ class Revisions:
         # last: until the request is gone, the next stop finishes the work
         fileops.remove_files(listing.reverts.values())
         return after
+
+    def _revert_target_gone(self, wanted, policy, listing):
+        """The requested revision is gone: after a crash, because the revert
+        renamed it into place already; else (removed by hand) the run is
+        committed as without a request."""
+        files = self._files
+        fileops.remove_files(listing.reverts.values())
+        if not os.path.exists(files.dirty):
+            return self.prune(policy)
+        log.warning(
+            "%s: revision %s to revert to is gone: the run is committed",
+            files.vid,
+            wanted,
+        )
+        return self.commit(files.dirty, policy, listing)
 
     def _retire_running(self, policy, listing):
         """The run's data becomes the newest revision (after the committed

@@ -300,3 +300,18 @@ async def test_revert_while_running_without_revisions_kept(pool, capsys):
     await volume.stop()
     assert read_image(committed(volume), 64 * 1024) == data("pinned")
     assert list(volume.revisions) == [pinned]
+
+
+async def test_revert_to_a_revision_removed_by_hand_commits_the_run(pool):
+    volume = await volume_after(pool, 1, "good", "bad")
+    (good,) = volume.revisions
+    await volume.start()
+    write_image(dirty(volume), data("run"))
+    await volume.revert(good)
+    directory = os.path.dirname(committed(volume))
+    for name in os.listdir(directory):
+        if name.startswith(f"private.img.{good}@"):
+            os.unlink(os.path.join(directory, name))
+    await volume.stop()
+    assert read_image(committed(volume), 64 * 1024) == data("run")
+    assert not [n for n in os.listdir(directory) if "~revert." in n]
