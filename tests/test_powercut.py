@@ -222,18 +222,20 @@ REFUSED_OPS = [
 
 
 @pytest.mark.parametrize(
-    "op,sampling",
+    "refused_op,sampling",
     [("stop_template_with_ready_snapshots", SAMPLE)]
     + [pytest.param(op, FULL, marks=pytest.mark.slow) for op in REFUSED_OPS],
     ids=["sample"] + REFUSED_OPS,
 )
-def test_power_cut_where_btrfs_refuses_to_destroy(op, sampling):
+def test_power_cut_where_btrfs_refuses_to_destroy(refused_op, sampling):
     """The driver (and qubesd's restart after the cut) in a user namespace,
     where btrfs refuses to destroy subvolumes for real: at every flush
     point (make powercut; make test: a sample) of a snapshot volume's
     stop, a template update with ready snapshots and a removal, no
     committed data is lost."""
-    result = run_campaign("btrfs", op, {**sampling, "user_namespace": True})
+    result = run_campaign(
+        "btrfs", refused_op, {**sampling, "user_namespace": True}
+    )
     _assert_survived(result)
 
 
