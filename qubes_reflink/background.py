@@ -63,8 +63,6 @@ class Background:
         self._live = {}
         #: source vid -> {vid: snapshot volume started from it}
         self._dependents = {}
-        #: vids removed (and not made again): nothing is prepared for them
-        self._removed = set()
         #: set by `close`: no background work is started any more
         self.closed = False
 
@@ -76,7 +74,6 @@ class Background:
         """Index `volume` (made or loaded): a snapshot volume that keeps
         ready snapshots depends on its source in this pool."""
         self._drop_dependent(volume.vid)
-        self._removed.discard(volume.vid)
         source = volume.start_source()
         if source is not None and volume.keeps_ready_snapshots:
             if source.pool is self._pool:
@@ -84,12 +81,9 @@ class Background:
                 deps[volume.vid] = volume
 
     def forget(self, vid):
-        """`vid` was removed: nothing depends on it, it on nothing, and a
-        preparation asked for meanwhile (a source's new snapbase renews
-        its dependents' ready snapshots) makes nothing in its directory."""
+        """`vid` was removed: nothing depends on it, it on nothing."""
         self._drop_dependent(vid)
         self._dependents.pop(vid, None)
-        self._removed.add(vid)
 
     def _drop_dependent(self, vid):
         for deps in self._dependents.values():
@@ -134,11 +128,21 @@ class Background:
             if source is not None:  # its snapbase first
                 await source.pool.background.settle(source.vid)
             async with live.lock:
-                if self.closed or volume.vid in self._removed:
+                if self.closed or self._removed(volume.vid):
                     return  # closed or removed while this task waited
                 made = await self._prepare_once(volume, live)
             if made:
                 self._renew_dependents(volume.vid)
+
+    def _removed(self, vid):
+        """Whether the pool no longer has `vid`: a preparation asked for
+        before its removal (a source's new snapbase renews its dependents'
+        ready snapshots) must make nothing in the directory it left."""
+        try:
+            self._pool.get_volume(vid)
+        except KeyError:
+            return True
+        return False
 
     async def _prepare_once(self, volume, live):
         """One preparation in a thread; True if it made a new snapbase."""

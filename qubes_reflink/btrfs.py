@@ -19,7 +19,7 @@ import os
 import stat
 import struct
 
-from .fileops import step
+from .fileops import remove_files, step
 
 log = logging.getLogger("qubes.storage.reflink")
 
@@ -144,7 +144,8 @@ def _remove_as_directory(path):
     unlinked, then the directory removed."""
     with _dir_fd(path) as fd:
         fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", 0))
-        for name in os.listdir(fd):
-            os.unlink(name, dir_fd=fd)
-            log.info("removed %s", os.path.join(path, name))
+    # not durable: they go with the subvolume, whose removal is the step
+    remove_files(
+        [os.path.join(path, name) for name in os.listdir(path)], durable=False
+    )
     os.rmdir(path)
