@@ -20,6 +20,8 @@ import contextlib
 import functools
 import logging
 
+from .autodefrag import AutoDefrag
+
 log = logging.getLogger("qubes.storage.reflink")
 
 
@@ -65,6 +67,8 @@ class Background:
         self._dependents = {}
         #: set by `close`: no background work is started any more
         self.closed = False
+        #: committed images defragmented after their stops
+        self.defrags = AutoDefrag(pool)
 
     def live(self, vid):
         """The in-memory state of `vid`."""
@@ -133,6 +137,7 @@ class Background:
                 made = await self._prepare_once(volume, live)
             if made:
                 self._renew_dependents(volume.vid)
+        self.defrags.consider(volume)
 
     def _removed(self, vid):
         """Whether the pool no longer has `vid`: a preparation asked for
@@ -166,7 +171,9 @@ class Background:
     @contextlib.asynccontextmanager
     async def exclusive(self, vid):
         """Hold `vid`'s lock, after its background work has finished; then
-        empty the trash if the work filled it."""
+        empty the trash if the work filled it.  A defragmentation of `vid`
+        is told to stop, not waited for."""
+        self.defrags.interrupt(vid)
         await self.settle(vid)
         try:
             async with self.live(vid).lock:
@@ -183,7 +190,8 @@ class Background:
     async def wait(self):
         """Wait until no volume of the pool is being prepared, including
         the work the preparations ask for (a new snapbase renews the ready
-        snapshots of its dependents)."""
+        snapshots of its dependents), and the defragmentations they ask
+        for."""
         while True:
             tasks = [
                 state.task
@@ -191,5 +199,6 @@ class Background:
                 if state.task is not None and not state.task.done()
             ]
             if not tasks:
-                return
+                break
             await asyncio.wait(tasks)
+        await self.defrags.wait()

@@ -1,4 +1,5 @@
-"""btrfs subvolume primitives: create, snapshot, destroy, through ioctls.
+"""btrfs subvolume primitives: create, snapshot, destroy, through ioctls;
+and what the filesystem says of its space (metadata, unallocated).
 
 The second mechanism beside reflinks (`fileops`): a snapshot of a
 subvolume costs the same whatever its files' size or fragmentation, where
@@ -18,6 +19,7 @@ import logging
 import os
 import stat
 import struct
+from typing import NamedTuple
 
 from .fileops import remove_files, step
 
@@ -40,6 +42,19 @@ _SNAP_CREATE_V2 = _iow(23, _VOL_ARGS_V2.size)
 _SNAP_DESTROY_V2 = _iow(63, _VOL_ARGS_V2.size)
 _SUBVOL_SETFLAGS = _iow(26, 8)  # __u64 flags
 _SUBVOL_RDONLY = 1 << 1
+# struct btrfs_ioctl_space_args: __u64 space_slots, total_spaces; then
+# struct btrfs_ioctl_space_info: __u64 flags, total_bytes, used_bytes
+_SPACE_ARGS = struct.Struct("=QQ")
+_SPACE_INFO = struct.Struct("=QQQ")
+_SPACE_INFO_IOC = (3 << 30) | (_SPACE_ARGS.size << 16) | (0x94 << 8) | 20
+_BLOCK_GROUP_METADATA = 1 << 2
+_SPACE_INFO_GLOBAL_RSV = 1 << 49
+# struct btrfs_ioctl_fs_info_args (1024 bytes): __u64 max_id, num_devices
+_FS_INFO_IOC = (2 << 30) | (1024 << 16) | (0x94 << 8) | 31
+# struct btrfs_ioctl_dev_info_args (4096 bytes): __u64 devid;
+# __u8 uuid[16]; __u64 bytes_used, total_bytes
+_DEV_INFO = struct.Struct("=Q16sQQ")
+_DEV_INFO_IOC = (3 << 30) | (4096 << 16) | (0x94 << 8) | 30
 #: The inode number of every subvolume's top directory.
 _SUBVOL_INODE = 256
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -149,3 +164,75 @@ def _remove_as_directory(path):
         [os.path.join(path, name) for name in os.listdir(path)], durable=False
     )
     os.rmdir(path)
+
+
+class Space(NamedTuple):
+    """What a btrfs filesystem allocated to metadata and used of it, and
+    what no chunk holds yet (where metadata can still grow)."""
+
+    metadata_size: int
+    metadata_usage: int
+    unallocated: int
+
+
+def space(path):
+    """The `Space` of the btrfs filesystem holding the directory `path`,
+    from the kernel's space info (no btrfs-progs); None if it is no
+    btrfs.  Metadata counts once, whatever its profile (DUP)."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        infos = _space_infos(fd)
+        if infos is None:
+            return None
+        size = usage = 0
+        for flags, total, used in infos:
+            if flags & _BLOCK_GROUP_METADATA and not (
+                flags & _SPACE_INFO_GLOBAL_RSV
+            ):
+                size += total
+                usage += used
+        return Space(size, usage, _unallocated(fd))
+    finally:
+        os.close(fd)
+
+
+def _space_infos(fd):
+    """(flags, total_bytes, used_bytes) of each space kind; None: not
+    btrfs."""
+    head = bytearray(_SPACE_ARGS.size)
+    try:
+        fcntl.ioctl(fd, _SPACE_INFO_IOC, head)
+    except OSError as err:
+        if err.errno in UNSUPPORTED:
+            return None
+        raise
+    count = _SPACE_ARGS.unpack_from(head)[1]
+    buf = bytearray(_SPACE_ARGS.size + count * _SPACE_INFO.size)
+    _SPACE_ARGS.pack_into(buf, 0, count, 0)
+    fcntl.ioctl(fd, _SPACE_INFO_IOC, buf)
+    found = _SPACE_ARGS.unpack_from(buf)[1]
+    return [
+        _SPACE_INFO.unpack_from(buf, _SPACE_ARGS.size + i * _SPACE_INFO.size)
+        for i in range(min(found, count))
+    ]
+
+
+def _unallocated(fd):
+    """Bytes of the filesystem's devices that no chunk holds yet."""
+    info = bytearray(1024)
+    fcntl.ioctl(fd, _FS_INFO_IOC, info)
+    max_id, num_devices = struct.unpack_from("=QQ", info)
+    free = 0
+    for devid in range(1, max_id + 1):
+        args = bytearray(4096)
+        _DEV_INFO.pack_into(args, 0, devid, bytes(16), 0, 0)
+        try:
+            fcntl.ioctl(fd, _DEV_INFO_IOC, args)
+        except FileNotFoundError:  # a removed device's id
+            continue
+        _devid, _uuid, used, total = _DEV_INFO.unpack_from(args)
+        free += max(total - used, 0)
+        num_devices -= 1
+        if num_devices == 0:
+            break
+    return free

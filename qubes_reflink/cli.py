@@ -7,27 +7,30 @@ changes no file itself.
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
+import threading
 import time
 
-from . import fileops, inspect, layout, migrate, qubesxml, repair, revisions
-from . import settings
-from .pool import driver_name
+from . import btrfs, defrag, fileops, health, inspect, layout, migrate
+from . import qubesxml, repair, revisions, settings
+from .output import Output
+from .pool import DEFAULT_DEFRAG_THRESHOLD, driver_name
 
 EXIT_OK = 0
-EXIT_NO = 1  # check: no reflinks; fsck: problems; migrate: can't reflink
+# check: no reflinks; fsck: problems; migrate: can't reflink; defrag: not
+# enough free space
+EXIT_NO = 1
 EXIT_ERROR = 2
 EXIT_REFUSED = 3  # qubesd or a VM is running (override with --force)
 
 EXIT_CODES = """\
 exit codes:
-  0  success: reflinks work (check), nothing wrong (fsck), done or would
-     be done (migrate)
+  0  success: reflinks work (check, which may still warn), nothing wrong
+     (fsck), done or would be done (migrate, defrag)
   1  no: no reflinks (check), problems found or remaining (fsck), a pool's
-     filesystem can't reflink (migrate)
+     filesystem can't reflink (migrate), not enough free space (defrag)
   2  error: bad arguments, missing or unreadable files, I/O errors
   3  refused because qubesd or a VM of the pool is running (see --force)
 """
@@ -37,6 +40,11 @@ EXAMPLES = {
 examples:
   qubes-reflink check /var/lib/qubes
   qubes-reflink check /mnt/new-pool --from /var/lib/qubes
+""",
+    "defrag": """\
+examples:
+  qubes-reflink defrag --dry-run /var/lib/qubes
+  qubes-reflink defrag /var/lib/qubes vm-templates/fedora-42/root
 """,
     "status": """\
 examples:
@@ -70,6 +78,7 @@ examples:
 examples:
   qubes-reflink set /var/lib/qubes keep_revision_older_than=86400
   qubes-reflink set /var/lib/qubes keep_revision_older_than=0   # off
+  qubes-reflink set /var/lib/qubes auto_defrag=False
 """,
     "migrate": """\
 examples:
@@ -79,78 +88,6 @@ examples:
   qubes-reflink migrate --revert --apply
 """,
 }
-
-
-class Output:
-    """Where results go: human text, raw numbers or JSON, and how much."""
-
-    def __init__(self, args):
-        self.json = args.json
-        self.raw = args.raw
-        self.quiet = args.quiet > 0
-        self.tty = sys.stdout.isatty()
-
-    def line(self, text=""):
-        """A line of human output (silent with -q or --json)."""
-        if not self.quiet and not self.json:
-            print(text)
-
-    def data(self, value):
-        """The JSON document of --json."""
-        if self.json:
-            json.dump(value, sys.stdout, indent=2, sort_keys=True)
-            print()
-
-    def size(self, number):
-        """Bytes, in binary units unless --raw."""
-        if self.raw:
-            return str(number)
-        return human_size(number)
-
-    def progress(self, total, label):
-        """A progress meter on stderr, only when stdout is a terminal."""
-        enabled = self.tty and not self.quiet and total > 1
-        return Progress(total, label, enabled)
-
-
-def human_size(number):
-    """1536 -> '1.5 KiB'; exact bytes below 1 KiB."""
-    if number < 1024:
-        return f"{number} B"
-    value = float(number)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024 or unit == "PiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
-class Progress:
-    """`[#####     ] 5/10 label` on stderr, drawn only once work has taken
-    more than half a second, so short runs stay quiet."""
-
-    DELAY = 0.5
-
-    def __init__(self, total, label, enabled):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.started = time.monotonic()
-        self.drawn = False
-
-    def update(self, done):
-        """Show that `done` of `total` steps are finished."""
-        if not self.enabled or time.monotonic() - self.started < self.DELAY:
-            return
-        filled = 30 * done // max(self.total, 1)
-        meter = "#" * filled + " " * (30 - filled)
-        sys.stderr.write(f"\r[{meter}] {done}/{self.total} {self.label}")
-        sys.stderr.flush()
-        self.drawn = True
-
-    def close(self):
-        """Erase the meter."""
-        if self.drawn:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
 
 
 def iso(seconds):
@@ -180,8 +117,44 @@ def cmd_check(args, out):
         f"from {source} into {target}" if source != target else "in " + target
     )
     out.line(f"reflinks {what}: {'yes' if ok else 'no'}")
-    out.data({**places, "reflink": ok})
+    found = health.check(target, _threshold(target, args))
+    _print_health(out, target, found)
+    out.data(
+        {
+            **places,
+            "reflink": ok,
+            "subvolume": found.subvolume,
+            "metadata": found.space._asdict() if found.space else None,
+            "warnings": [finding._asdict() for finding in found.findings],
+        }
+    )
     return EXIT_OK if ok else EXIT_NO
+
+
+def _threshold(pool_dir, args):
+    """What counts as fragmented: --defrag-threshold, else the pool's
+    setting (`qubes-reflink set`), else the default."""
+    if args.defrag_threshold is not None:
+        return args.defrag_threshold
+    return settings.load(pool_dir).get(
+        settings.DEFRAG_THRESHOLD, DEFAULT_DEFRAG_THRESHOLD
+    )
+
+
+def _print_health(out, target, found):
+    if found.subvolume is not None:
+        out.line(
+            f"{target} is {'' if found.subvolume else 'not '}a btrfs "
+            "subvolume of its own"
+        )
+    if found.space is not None:
+        out.line(
+            f"btrfs metadata: {out.size(found.space.metadata_usage)} used of "
+            f"{out.size(found.space.metadata_size)}; unallocated: "
+            f"{out.size(found.space.unallocated)}"
+        )
+    for finding in found.findings:
+        out.line(f"warning: {finding.message}")
 
 
 def _existing_dir(path):
@@ -199,6 +172,112 @@ def _mount_facts(path):
         "mountpoint": point,
         "source": source,
     }
+
+
+# -- defrag ---------------------------------------------------------------
+
+
+def cmd_defrag(args, out):
+    """Rewrite fragmented committed images, keeping what they share."""
+    pool_dir = _existing_dir(args.pool_dir)
+    plans, skipped = defrag.plan_pool(pool_dir, args.vids)
+    need = defrag.space_needed(plans, btrfs.space(pool_dir) is not None)
+    free = defrag.free_space(pool_dir)
+    report = {
+        "pool_dir": pool_dir,
+        "space_needed": need,
+        "space_free": free,
+        "skipped": skipped,
+        "volumes": [_plan_facts(p) for p in plans],
+    }
+    for vid, why in skipped.items():
+        out.line(f"{vid}: left alone: {why}")
+    for facts in report["volumes"]:
+        out.line(
+            f"{facts['vid']}: {facts['extents']} extents, about "
+            f"{facts['extents_after']} after rewriting "
+            f"{out.size(facts['rewrite'])}"
+        )
+    out.line(
+        f"free space needed: {out.size(need)}; free: {out.size(free)}; "
+        "space used afterwards: about the same (what is shared stays shared)"
+    )
+    if need > free:
+        out.line("refusing: not enough free space; free some space first")
+        out.data({**report, "refused": True, "results": []})
+        return EXIT_NO
+    if args.dry_run:
+        out.line("nothing changed (dry run)")
+        out.data({**report, "refused": False, "results": []})
+        return EXIT_OK
+    results = _run_defrag(pool_dir, plans, out)
+    out.data(
+        {**report, "refused": False, "results": [r._asdict() for r in results]}
+    )
+    return EXIT_OK
+
+
+def _plan_facts(the_plan):
+    return {
+        "vid": the_plan.vid,
+        "extents": the_plan.extents,
+        "extents_after": the_plan.extents_after,
+        "rewrite": the_plan.rewrite,
+        "data": the_plan.data,
+    }
+
+
+def _run_defrag(pool_dir, plans, out):
+    """Defragment `plans` in a thread of idle I/O priority (the priority
+    is the thread's, not the caller's); print what each gave."""
+    total = sum(p.rewrite for p in plans)
+    progress = out.progress(max(total // defrag.MIB, 1), "MiB rewritten")
+    finished = 0
+    results = []
+
+    def shown(done, _total):
+        progress.update((finished + done) // defrag.MIB)
+
+    def work():
+        nonlocal finished
+        defrag.idle_priority()
+        runner = defrag.Defragmenter(pool_dir, defrag_stop(pool_dir), shown)
+        for the_plan in plans:
+            results.append(runner.run(the_plan))
+            finished += the_plan.rewrite
+
+    _in_thread(work)
+    progress.close()
+    for result in results:
+        out.line(
+            f"{result.vid}: {result.extents_before} -> "
+            f"{result.extents_after} extents; {result.sharers} other files "
+            "share the new extents"
+            + (f"; stopped: {result.abandoned}" if result.abandoned else "")
+        )
+    return results
+
+
+def defrag_stop(pool_dir):
+    """What stops the tool's work on a volume: the volume's start."""
+    return lambda vid: defrag.volume_running(pool_dir, vid)
+
+
+def _in_thread(work):
+    """Run `work` in a thread of its own; re-raise what it raised."""
+    failure = []
+
+    def run():
+        try:
+            work()
+        except BaseException as err:  # pylint: disable=broad-exception-caught
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="qubes-reflink-defrag")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 # -- status ---------------------------------------------------------------
@@ -635,16 +714,7 @@ def build_parser():
     )
     _common(parser, suppress=False)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    check = _subparser(
-        subparsers, "check", "can a directory reflink files?", cmd_check
-    )
-    check.add_argument("dir", help="directory to test (a pool's dir_path)")
-    check.add_argument(
-        "--from",
-        dest="from_dir",
-        metavar="DIR2",
-        help="test reflinking files from DIR2 into DIR instead",
-    )
+    _add_check(subparsers)
     status = _subparser(
         subparsers,
         "status",
@@ -665,10 +735,57 @@ def build_parser():
         metavar="VID",
         help="only these volumes (appvms/VM/VOLUME, ...)",
     )
+    _add_defrag(subparsers)
     _add_fsck(subparsers)
     _add_revisions(subparsers)
     _add_migrate(subparsers)
     return parser
+
+
+def _add_check(subparsers):
+    check = _subparser(
+        subparsers, "check", "can a directory reflink files?", cmd_check
+    )
+    check.add_argument("dir", help="directory to test (a pool's dir_path)")
+    check.add_argument(
+        "--from",
+        dest="from_dir",
+        metavar="DIR2",
+        help="test reflinking files from DIR2 into DIR instead",
+    )
+    check.add_argument(
+        "--defrag-threshold",
+        type=int,
+        metavar="N",
+        help="warn about committed images N extents beyond their "
+        "contiguous pieces (default: the pool's defrag_threshold setting, "
+        f"else {DEFAULT_DEFRAG_THRESHOLD})",
+    )
+
+
+def _add_defrag(subparsers):
+    parser = _subparser(
+        subparsers,
+        "defrag",
+        "rewrite fragmented committed images contiguously, keeping them "
+        "shared with their revisions, spares and snapshots (safe while "
+        "qubesd runs; a volume that starts is left for later)",
+        cmd_defrag,
+    )
+    parser.add_argument("pool_dir", help="the pool's dir_path")
+    parser.add_argument(
+        "vids",
+        nargs="*",
+        metavar="VID",
+        help="only these volumes (default: every fragmented one)",
+    )
+    parser.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="say what would be rewritten and the free space it needs; "
+        "change nothing",
+    )
 
 
 def _add_fsck(subparsers):
@@ -727,8 +844,10 @@ def _add_revisions(subparsers):
     setting = _subparser(
         subparsers,
         "set",
-        "change a pool setting while qubesd runs (keep_revision_older_than: "
-        "seconds; pruning keeps the newest revision at least that old)",
+        "change a pool setting while qubesd runs: keep_revision_older_than "
+        "(seconds; pruning keeps the newest revision at least that old), "
+        "auto_defrag (True/False), defrag_threshold (extents), "
+        "defrag_interval (seconds)",
         cmd_set,
     )
     setting.add_argument("pool_dir", help="the pool's dir_path")

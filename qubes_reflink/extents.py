@@ -131,6 +131,10 @@ _INLINE = (
     | FIEMAP_EXTENT_NOT_ALIGNED
 )
 
+#: Extents a rewrite would not make contiguous, or would make larger
+#: (btrfs inline data, compressed extents): defragmentation leaves them.
+NOT_PLAIN = _INLINE | FIEMAP_EXTENT_ENCODED
+
 # struct fiemap: fm_start, fm_length, fm_flags, fm_mapped_extents,
 # fm_extent_count, fm_reserved; then fm_extents[].
 _FIEMAP = struct.Struct("=QQIIII")

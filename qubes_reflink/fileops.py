@@ -15,6 +15,7 @@ through `set_step_hook`, to stop the process right before or after it.
 """
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -25,6 +26,13 @@ import struct
 log = logging.getLogger("qubes.storage.reflink")
 
 FICLONE = 0x40049409
+FIDEDUPERANGE = 0xC0189436
+# struct file_dedupe_range: src_offset, src_length, dest_count, 2 reserved;
+# then per destination struct file_dedupe_range_info: dest_fd, dest_offset,
+# bytes_deduped, status, reserved
+_DEDUPE_RANGE = struct.Struct("=QQHHI")
+_DEDUPE_INFO = struct.Struct("=qQQiI")
+_DEDUPE_DIFFERS = 1
 LOOP_GET_STATUS64 = 0x4C05
 LOOP_SET_CAPACITY = 0x4C07
 _LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32sQQ")
@@ -672,3 +680,104 @@ def write_file(path, data, tmp, like=None, replace=True):
             os.close(fd)
         if not replace or os.path.lexists(tmp):
             _remove_quietly(tmp)
+
+
+def open_unnamed(directory):
+    """A new file without a name in `directory` (O_TMPFILE), open for
+    writing: what a crash leaves of it, the filesystem frees at its next
+    mount, so it never needs cleaning up."""
+    with step("create", directory):
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    log.info("created an unnamed temporary file in %s", directory)
+    return fd
+
+
+def rewrite_regions(src_fd, dst_fd, moves, src, dst):
+    """Write the byte ranges `moves` ((src_offset, dst_offset, length)) of
+    `src` into the file `dst` by plain reads and writes, never
+    copy_file_range or a clone, which would share `src`'s (fragmented)
+    extents instead of allocating new ones.  Not durable: see
+    `fdatasync`."""
+    buffer = memoryview(bytearray(WRITE_BUFFER))
+    with step("write", src, dst):
+        for src_offset, dst_offset, length in moves:
+            _copy_to(src_fd, dst_fd, src_offset, dst_offset, length, buffer)
+    log.debug("rewrote %d ranges of %s into %s", len(moves), src, dst)
+
+
+def _copy_to(src_fd, dst_fd, src_offset, dst_offset, length, buffer):
+    done = 0
+    while done < length:
+        count = os.preadv(
+            src_fd,
+            [buffer[: min(len(buffer), length - done)]],
+            src_offset + done,
+        )
+        if not count:
+            break
+        written = 0
+        while written < count:
+            written += os.pwrite(
+                dst_fd, buffer[written:count], dst_offset + done + written
+            )
+        done += count
+
+
+def fdatasync(fd, path):
+    """Make the data written to `fd` durable (before anything is made to
+    share it)."""
+    with step("fsync", path):
+        os.fdatasync(fd)
+
+
+def dedupe(src_fd, src_offset, dst_fd, offset, length, dst):
+    """Make `dst`'s bytes [offset, offset + length) use the extents of
+    `src_fd`'s bytes from `src_offset`, if the kernel finds them identical
+    (FIDEDUPERANGE compares the data under lock and changes no byte).
+
+    Returns the bytes now shared: less than `length` where the data
+    differ (that part is left as it was).  OSError for files the kernel
+    can't dedupe (another filesystem, a file being swapped...).
+    """
+    done = 0
+    while done < length:
+        buf = bytearray(_DEDUPE_RANGE.size + _DEDUPE_INFO.size)
+        _DEDUPE_RANGE.pack_into(
+            buf, 0, src_offset + done, length - done, 1, 0, 0
+        )
+        _DEDUPE_INFO.pack_into(
+            buf, _DEDUPE_RANGE.size, dst_fd, offset + done, 0, 0, 0
+        )
+        with step("dedupe", dst):
+            fcntl.ioctl(src_fd, FIDEDUPERANGE, buf)
+        _fd, _off, deduped, status, _ = _DEDUPE_INFO.unpack_from(
+            buf, _DEDUPE_RANGE.size
+        )
+        if status < 0:
+            raise OSError(-status, os.strerror(-status), dst)
+        if status == _DEDUPE_DIFFERS or deduped == 0:
+            break
+        done += deduped
+    log.debug("shared %d of %d bytes at %d of %s", done, length, offset, dst)
+    return done
+
+
+def prefetch(fd, offset, length):
+    """Read a range into the page cache ahead of a FIDEDUPERANGE, whose
+    comparison reads one page at a time, waiting for each."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+def drop_cache(fd, offset, length):
+    """Ask the kernel to drop the cached pages of a range it read for a
+    defragmentation, not to crowd out what the VMs use."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def commit_filesystem(fd):
+    """Commit the filesystem holding `fd` (syncfs): what its last changes
+    freed becomes free space (btrfs holds freed extents until then)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))

@@ -175,6 +175,15 @@ def _list_files(pool_dir):
             yield f"{prefix}/{vm_name}", path, stat_result, entry
 
 
+def pool_images(pool_dir):
+    """(vid, kind, path) of every regular image file the layout names in
+    the pool's VM directories (committed, running, revisions, spares,
+    snapbases, ready snapshots, exports...), subvolume images included."""
+    for vm_dir, path, st, entry in _list_files(pool_dir):
+        if entry is not None and stat.S_ISREG(st.st_mode):
+            yield f"{vm_dir}/{entry.volume}", entry.kind, path
+
+
 def _subvolume_image(path, dir_stat):
     """The image in the subvolume `path` and its lstat, or the directory
     itself when it holds none."""

@@ -70,6 +70,16 @@ def parse_seconds(value, option):
     return seconds
 
 
+def parse_count(value, option):
+    """A whole number, 0 or more."""
+    number = _parse_int(value)
+    if number is None or number < 0:
+        raise StoragePoolException(
+            f"Invalid {option} {value!r}: give a whole number, 0 or more"
+        )
+    return number
+
+
 def parse_size(value, what="size"):
     """A size in bytes: a whole number, 0 or more, at most MAX_SIZE."""
     number = _parse_int(value)

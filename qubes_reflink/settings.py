@@ -19,11 +19,21 @@ from .host import StoragePoolException
 log = logging.getLogger("qubes.storage.reflink")
 
 KEEP_REVISION_OLDER_THAN = "keep_revision_older_than"
+AUTO_DEFRAG = "auto_defrag"
+DEFRAG_THRESHOLD = "defrag_threshold"
+DEFRAG_INTERVAL = "defrag_interval"
 
 #: The settings `set` can change, with their parsers.
 PARSERS = {
     KEEP_REVISION_OLDER_THAN: lambda value: options.parse_seconds(
         value, KEEP_REVISION_OLDER_THAN
+    ),
+    AUTO_DEFRAG: lambda value: options.parse_bool(value, AUTO_DEFRAG),
+    DEFRAG_THRESHOLD: lambda value: options.parse_count(
+        value, DEFRAG_THRESHOLD
+    ),
+    DEFRAG_INTERVAL: lambda value: options.parse_seconds(
+        value, DEFRAG_INTERVAL
     ),
 }
 

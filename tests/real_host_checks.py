@@ -40,7 +40,7 @@ import qubes.vm
 from loopfs import loop_filesystem
 
 import qubes_reflink
-from qubes_reflink import cli, fileops, layout
+from qubes_reflink import btrfs, cli, fileops, layout
 from qubes_reflink import host as reflink_host
 from qubes_reflink import pool as reflink_pool_module
 from qubes_reflink.pool import ReflinkPool
@@ -242,6 +242,9 @@ class TC_00_Loading(unittest.TestCase):
             "setup_check": False,
             "ephemeral_volatile": False,
             "keep_revision_older_than": False,
+            "auto_defrag": False,
+            "defrag_threshold": False,
+            "defrag_interval": False,
         }
         parameters = qubes.storage.driver_parameters("file-reflink")
         if isinstance(parameters, dict):
@@ -1003,7 +1006,8 @@ class TC_40_AdminAPI(VMsCase):
         drivers = self.call(b"admin.pool.ListDrivers")
         self.assertIn(
             "file-reflink dir_path revisions_to_keep setup_check "
-            "ephemeral_volatile keep_revision_older_than\n",
+            "ephemeral_volatile keep_revision_older_than auto_defrag "
+            "defrag_threshold defrag_interval\n",
             drivers,
         )
         dir_path = os.path.join(self.top, "api-pool")
@@ -1027,10 +1031,20 @@ class TC_40_AdminAPI(VMsCase):
         self.assertEqual(lines["keep_revision_older_than"], "0")
         self.assertGreater(int(lines["size"]), 0)
         self.assertIn("usage", lines)
+        self.assertEqual(lines["auto_defrag"], "True")
+        self.assertEqual(lines["defrag_threshold"], "2048")
+        self.assertEqual(lines["defrag_interval"], "86400")
+        # a dir_path that did not exist, on btrfs: a subvolume of its own
+        self.assertTrue(btrfs.is_subvolume(dir_path))
         usage = self.call(b"admin.pool.UsageDetails", arg=b"api-pool")
+        details = dict(line.split("=") for line in usage.splitlines())
         self.assertEqual(
-            sorted(line.split("=")[0] for line in usage.splitlines()),
-            ["data_size", "data_usage"],
+            sorted(details),
+            ["data_size", "data_usage", "metadata_size", "metadata_usage"],
+        )
+        self.assertLess(0, int(details["metadata_usage"]))
+        self.assertLess(
+            int(details["metadata_usage"]), int(details["metadata_size"])
         )
         self.set_revisions_to_keep(b"admin.pool.Set.revisions_to_keep", pool)
         self.call(

@@ -143,6 +143,9 @@ def test_config_has_every_option():
         "setup_check",
         "ephemeral_volatile",
         "keep_revision_older_than",
+        "auto_defrag",
+        "defrag_threshold",
+        "defrag_interval",
     }
 
 

@@ -162,6 +162,9 @@ def test_driver_parameters_introspection():
         "setup_check",
         "ephemeral_volatile",
         "keep_revision_older_than",
+        "auto_defrag",
+        "defrag_threshold",
+        "defrag_interval",
     }
     for param in params.values():
         assert param.kind == inspect.Parameter.KEYWORD_ONLY
@@ -169,6 +172,9 @@ def test_driver_parameters_introspection():
     assert params["revisions_to_keep"].default == 1
     assert params["setup_check"].default is True
     assert params["ephemeral_volatile"].default is False
+    assert params["auto_defrag"].default is True
+    assert params["defrag_threshold"].default == 2048
+    assert params["defrag_interval"].default == 86400
     assert signature.parameters["name"].kind == inspect.Parameter.KEYWORD_ONLY
 
 
