@@ -81,7 +81,7 @@ class AutoDefrag:
 
         if should_stop(vid) or defrag.volume_running(root, vid):
             return
-        when = defrag.last_done(root).get(vid)
+        when = defrag.last_done(root, vid)
         if when is not None and time.time() - when < self._pool.defrag_interval:
             return
         try:

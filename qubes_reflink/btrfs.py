@@ -167,11 +167,13 @@ def _remove_as_directory(path):
 
 
 class Space(NamedTuple):
-    """What a btrfs filesystem allocated to metadata and used of it, and
-    what no chunk holds yet (where metadata can still grow)."""
+    """What a btrfs filesystem allocated to metadata and used of it, the
+    part of it kept in reserve for emergencies, and what no chunk holds
+    yet (where metadata can still grow)."""
 
     metadata_size: int
     metadata_usage: int
+    global_reserve: int
     unallocated: int
 
 
@@ -184,14 +186,14 @@ def space(path):
         infos = _space_infos(fd)
         if infos is None:
             return None
-        size = usage = 0
+        size = usage = reserve = 0
         for flags, total, used in infos:
-            if flags & _BLOCK_GROUP_METADATA and not (
-                flags & _SPACE_INFO_GLOBAL_RSV
-            ):
+            if flags & _SPACE_INFO_GLOBAL_RSV:
+                reserve += total
+            elif flags & _BLOCK_GROUP_METADATA:
                 size += total
                 usage += used
-        return Space(size, usage, _unallocated(fd))
+        return Space(size, usage, reserve, _unallocated(fd))
     finally:
         os.close(fd)
 

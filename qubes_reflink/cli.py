@@ -7,6 +7,7 @@ changes no file itself.
 """
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -105,9 +106,7 @@ def cmd_check(args, out):
     places = {"dir": _mount_facts(target)}
     if source != target:
         places["from"] = _mount_facts(source)
-    ok = fileops.can_reflink(
-        layout.probe_path(source), layout.probe_path(target)
-    )
+    ok = _probe(source, target)
     for facts in places.values():
         out.line(
             f"{facts['path']}: {facts['fstype']} "
@@ -116,7 +115,8 @@ def cmd_check(args, out):
     what = (
         f"from {source} into {target}" if source != target else "in " + target
     )
-    out.line(f"reflinks {what}: {'yes' if ok else 'no'}")
+    answer = {True: "yes", False: "no", None: "can't tell: no space left"}
+    out.line(f"reflinks {what}: {answer[ok]}")
     found = health.check(target, _threshold(target, args))
     _print_health(out, target, found)
     out.data(
@@ -128,7 +128,21 @@ def cmd_check(args, out):
             "warnings": [finding._asdict() for finding in found.findings],
         }
     )
-    return EXIT_OK if ok else EXIT_NO
+    return {True: EXIT_OK, False: EXIT_NO, None: EXIT_ERROR}[ok]
+
+
+def _probe(source, target):
+    """Whether files reflink from `source` into `target`; None when a
+    full filesystem leaves no room for the probe files (the health
+    findings then say why)."""
+    try:
+        return fileops.can_reflink(
+            layout.probe_path(source), layout.probe_path(target)
+        )
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        raise
 
 
 def _threshold(pool_dir, args):

@@ -38,7 +38,6 @@ done, which is data-identical, in place.
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import platform
@@ -491,35 +490,22 @@ def _dedupe(tmp_fd, source, fd, offset, size, path):
 # -- when each volume was last defragmented ---------------------------------
 
 
-def last_done(pool_dir):
-    """vid -> time (seconds since the epoch) of its last complete run."""
+def last_done(pool_dir, vid):
+    """When `vid` was last defragmented completely (seconds since the
+    epoch), or None."""
+    files = layout.VolumeFiles(pool_dir, vid)
     try:
-        with open(layout.defrag_log_path(pool_dir), encoding="utf-8") as f:
-            found = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        log.warning("ignoring the defragmentation log: %s", err)
-        return {}
-    return {
-        vid: when
-        for vid, when in found.items()
-        if isinstance(when, (int, float))
-    }
+        value = os.getxattr(files.directory, files.defrag_attribute)
+        return float(value)
+    except (OSError, ValueError):
+        return None
 
 
 def record_done(pool_dir, vid):
-    """Note that `vid` was defragmented now (under the pool directory's
-    lock: the tool and qubesd may both write it)."""
-    with fileops.directory_lock(pool_dir):
-        done = last_done(pool_dir)
-        done[vid] = time.time()
-        data = json.dumps(done, indent=2, sort_keys=True).encode() + b"\n"
-        fileops.write_file(
-            layout.defrag_log_path(pool_dir),
-            data,
-            layout.defrag_log_temp(pool_dir),
-        )
+    """Note that `vid` was defragmented now."""
+    files = layout.VolumeFiles(pool_dir, vid)
+    stamp = f"{time.time():.0f}".encode()
+    fileops.set_attribute(files.directory, files.defrag_attribute, stamp)
 
 
 # -- how and where it runs --------------------------------------------------------------

@@ -781,3 +781,11 @@ def commit_filesystem(fd):
     if libc.syncfs(fd) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def set_attribute(path, name, value):
+    """Set the extended attribute `name` of `path` to the bytes `value`
+    (one atomic step)."""
+    with step("setxattr", path):
+        os.setxattr(path, name, value, follow_symlinks=False)
+    log.info("set %s of %s to %s", name, path, value.decode(errors="replace"))

@@ -19,8 +19,12 @@ from typing import NamedTuple
 from . import btrfs, defrag, inspect, layout
 
 GIB = 1024**3
-#: metadata this full, and less than `METADATA_ROOM` unallocated
-METADATA_FULL = 0.9
+#: metadata this full (its global reserve counted as used), and less than
+#: `METADATA_ROOM` unallocated: btrfs refuses new metadata well before
+#: 100 %, as it reserves room for each operation in advance (a small
+#: btrfs filled with small files here refused more at 71 % used, 82 %
+#: with the reserve)
+METADATA_FULL = 0.75
 #: unallocated bytes under which btrfs may find no room for a new
 #: metadata chunk (256 MiB to 1 GiB each)
 METADATA_ROOM = GIB
@@ -54,14 +58,16 @@ def metadata_findings(space):
     """A finding if the btrfs `space` has its metadata nearly full."""
     if space is None or space.metadata_size == 0:
         return []
-    share = space.metadata_usage / space.metadata_size
+    taken = space.metadata_usage + space.global_reserve
+    share = taken / space.metadata_size
     if share < METADATA_FULL or space.unallocated >= METADATA_ROOM:
         return []
     return [
         Finding(
             "metadata",
-            f"btrfs metadata is {share:.0%} full ({space.metadata_usage} of "
-            f"{space.metadata_size} bytes) and only {space.unallocated} "
+            f"btrfs metadata is {share:.0%} full ({taken} of "
+            f"{space.metadata_size} bytes, its reserve included) and only "
+            f"{space.unallocated} "
             "bytes of the disk are unallocated: writes will fail with 'no "
             "space left' although data space remains. Free chunks with "
             "'btrfs balance start -dusage=50 DIR', and remove revisions "

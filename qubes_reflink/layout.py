@@ -322,22 +322,6 @@ def settings_temp(pool_dir):
     )
 
 
-#: When each volume was last defragmented (see `defrag`).
-DEFRAG_LOG_FILE = ".qubes-reflink-defrag.json"
-
-
-def defrag_log_path(pool_dir):
-    """The pool's log of defragmentations."""
-    return os.path.join(pool_dir, DEFRAG_LOG_FILE)
-
-
-def defrag_log_temp(pool_dir):
-    """A fresh temporary name for a rewrite of the defragmentation log."""
-    return os.path.join(
-        pool_dir, f"{DEFRAG_LOG_FILE}~{TEMP}.{secrets.token_hex(8)}"
-    )
-
-
 def prefix_dirs(pool_dir):
     """The directories holding the VM directories of a pool."""
     return [os.path.join(pool_dir, prefix) for prefix in DIR_PREFIXES]
@@ -444,6 +428,13 @@ class VolumeFiles:
         """Empty file asking for a revert to `revision_id` at the stop of
         the running volume."""
         return f"{self.committed}~{REVERT}.{revision_id}"
+
+    @property
+    def defrag_attribute(self):
+        """The extended attribute of the VM directory that holds when this
+        volume was last defragmented (an attribute: set in one step, no
+        temporary file for a crash to leave)."""
+        return f"user.qubes-reflink.defragmented.{self.volume}"
 
     def snaptemp(self):
         """A fresh name for a subvolume being filled to become a snapbase."""

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from helpers import FakeVM, committed, new_pool, origin, snapshot
-from qubes_reflink import cli, defrag, extents, fileops, layout, settings
+from qubes_reflink import cli, defrag, extents, fileops, settings
 
 MIB = 1024**2
 BLOCK = 4096
@@ -69,12 +69,10 @@ def pool_files(root):
 
 
 def contents(root):
-    """{path: (inode, sha256)} of every file of the pool but the log of
-    defragmentations."""
+    """{path: (inode, sha256)} of every file of the pool."""
     found = {}
     for path in pool_files(root):
-        if path == layout.defrag_log_path(root):
-            continue
+
         with open(path, "rb") as image:
             digest = hashlib.file_digest(image, "sha256").hexdigest()
         found[path] = (os.stat(path).st_ino, digest)
@@ -140,7 +138,7 @@ async def test_dry_run_says_what_it_would_do_and_changes_nothing(pool, capsys):
     assert facts["rewrite"] == SIZE
     assert 0 < report["space_needed"] <= report["space_free"]
     assert contents(pool.root) == before
-    assert not os.path.exists(layout.defrag_log_path(pool.root))
+    assert defrag.last_done(pool.root, tpl.vid) is None
 
 
 async def test_refused_when_the_free_space_is_not_there(pool, capsys):
@@ -219,8 +217,7 @@ async def test_a_stop_defragments_a_fragmented_image(reflink_dir):
     try:
         tpl = await aged(pool, rounds=1)
         assert len(extents.file_extents(committed(tpl))) <= 8
-        done = defrag.last_done(pool.root)
-        assert set(done) == {tpl.vid}
+        assert defrag.last_done(pool.root, tpl.vid) is not None
         # within the interval: the next fragmenting stop is left alone
         await _fragment(tpl)
         assert len(extents.file_extents(committed(tpl))) > 64
@@ -255,7 +252,7 @@ async def test_off_or_below_the_threshold_nothing_is_rewritten(
     try:
         tpl = await aged(pool, rounds=3)
         assert len(extents.file_extents(committed(tpl))) > 300
-        assert defrag.last_done(pool.root) == {}
+        assert defrag.last_done(pool.root, tpl.vid) is None
     finally:
         await pool.close()
 
@@ -285,7 +282,7 @@ async def test_a_start_is_not_kept_waiting_by_a_background_defrag(
     finally:
         release.set()
         fileops.set_step_hook(previous)
-    assert defrag.last_done(pool.root) == {}  # it was abandoned
+    assert defrag.last_done(pool.root, tpl.vid) is None  # abandoned
     with open(committed(tpl), "rb") as one, open(tpl.path, "rb") as two:
         assert one.read() == two.read()
     await tpl.stop()
