@@ -8,7 +8,9 @@ driver's import_volume), many (--vms VMs started and
 stopped at once), spares (spares at scale: reflinks of a template root of
 --spares-extents extents, and --vms AppVMs of it), boot (boot storms: up
 to --vms AppVMs of such a template started together, by subvolume
-snapshots and by clones).
+snapshots and by clones), aging (a 1 GiB image aged by --aging-rounds
+rounds of random writes, then defragmented: extents, clones, reads, space,
+starts during a defragmentation, a boot storm of --vms AppVMs).
 """
 
 import argparse
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 from loopfs import loop_filesystem, unavailable_reason  # noqa: E402
 
 from . import report  # noqa: E402
+from .aging import draw as draw_aging  # noqa: E402
 from .images import GIB  # noqa: E402
 
 FS_SIZE = 24 * GIB
@@ -38,6 +41,7 @@ SCENARIOS = (
     "many",
     "spares",
     "boot",
+    "aging",
 )
 
 
@@ -81,6 +85,12 @@ def parse_args(argv):
         help="extents of the template root of the spares and boot scenarios",
     )
     parser.add_argument(
+        "--aging-rounds",
+        type=int,
+        default=20,
+        help="rounds of 2,500 random 4 KiB writes that age the image",
+    )
+    parser.add_argument(
         "--results",
         default=os.path.join(HERE, "results"),
         help="directory for latest.json, latency.png, latest.md",
@@ -100,6 +110,7 @@ def parse_args(argv):
         args.reps, args.vms, args.vm_reps = 3, 10, 1
         args.levels = "1000,5000"
         args.spares_reps, args.spares_extents = 2, 5000
+        args.aging_rounds = 4
     args.levels = [int(level) for level in args.levels.split(",") if level]
     args.fs = [name for name in args.fs.split(",") if name]
     args.only = {name for name in args.only.split(",") if name}
@@ -115,14 +126,18 @@ def parse_args(argv):
 
 
 async def run(args, mounts):
-    """Every measurement; returns (rows, curves, boot storm curves)."""
+    """Every measurement; returns (rows, curves, boot storm curves, aging
+    stages)."""
     # pylint: disable=import-outside-toplevel
     from . import scenarios
+    from .aging import aging
     from .bootstorm import boot_storms
     from .coreimport import import_side_by_side
     from .spares import spares_at_scale
 
-    rows, curves, benches, storms = [], {}, {}, {}
+    from .aging import aging
+
+    rows, curves, benches, storms, aged = [], {}, {}, {}, {}
     single = args.only & {"origin", "snapshot", "export"}
     for fstype, mountpoint in mounts.items():
         bench = scenarios.FilesystemBench(
@@ -175,7 +190,14 @@ async def run(args, mounts):
                 args.vm_reps,
             )
             rows += more
-    return rows, curves, storms
+    if "aging" in args.only:
+        for fstype, mountpoint in mounts.items():
+            more, stages = await aging(
+                fstype, mountpoint, args.reps, args.aging_rounds, args.vms
+            )
+            rows += more
+            aged[fstype] = stages
+    return rows, curves, storms, aged
 
 
 def main(argv=None):
@@ -192,7 +214,7 @@ def main(argv=None):
             fstype: stack.enter_context(loop_filesystem(fstype, size=FS_SIZE))
             for fstype in args.fs
         }
-        rows, curves, storms = asyncio.run(run(args, mounts))
+        rows, curves, storms, aged = asyncio.run(run(args, mounts))
     document = {
         "date": report.now(),
         "duration_s": round(time.perf_counter() - started, 1),
@@ -205,6 +227,7 @@ def main(argv=None):
         "results": rows,
         "curves": curves,
         "boot_storms": storms,
+        "aging": aged,
     }
     print()
     print(report.text_tables(rows))
@@ -217,6 +240,8 @@ def main(argv=None):
         report.draw_boot_storms(
             os.path.join(args.results, "bootstorm.png"), storms
         )
+    if aged:
+        draw_aging(os.path.join(args.results, "aging.png"), aged)
     report.write_markdown(
         os.path.join(args.results, "latest.md"),
         report.markdown(document, picture),

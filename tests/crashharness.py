@@ -41,7 +41,8 @@ import time
 import traceback
 from typing import NamedTuple
 
-from qubes_reflink import ReflinkPool, btrfs, fileops, layout, revisions
+from qubes_reflink import ReflinkPool, btrfs, defrag, fileops, layout
+from qubes_reflink import revisions
 from qubes_reflink import settings
 from qubes_reflink import trash
 from qubes_reflink.host import StoragePoolException
@@ -789,6 +790,88 @@ for _name, _pinned in (
         # kept, not the committed P2 the run started from
         keeps={"app/private": D("B")},
     )
+
+
+# defragmentation: tpl/root written whole, then twice started, written at
+# every 8th block and stopped (rtk 2): committed C, revisions B and A-full
+def _scatter(path, label, step_blocks=8):
+    with open(path, "r+b") as image:
+        for offset in range(0, SIZE, step_blocks * BLOCK):
+            image.seek(offset)
+            image.write(_block(label))
+
+
+async def _build_fragmented(world, _state):
+    vol = world.vols["tpl/root"]
+    await vol.create()
+    await world.wait_background()
+    await vol.start()
+    with open(vol.path, "r+b") as image:
+        image.write(_block("F") * (SIZE // BLOCK))
+    await vol.stop()
+    for label in ("B", "C"):
+        await world.wait_background()
+        await vol.start()
+        _scatter(vol.path, label)
+        await vol.stop()
+    await world.wait_background()
+
+
+async def _defrag(world, _state):
+    """qubes-reflink defrag of tpl/root, as the tool runs it."""
+    root = world.pools["main"].root
+    vid = world.vols["tpl/root"].vid
+    the_plan = defrag.plan(root, vid)
+    # ext4 writes in place: nothing fragmented, nothing to do
+    assert the_plan.windows or the_plan.excess == 0, "nothing to defragment"
+    defrag.Defragmenter(
+        root, lambda v: defrag.volume_running(root, v)
+    ).run(the_plan)
+
+
+async def _app_ready(world, _state):
+    """An AppVM of the template, started and stopped: on btrfs a snapbase
+    of the template and a ready snapshot share its image."""
+    await world.vols["app/root"].create()
+    await world.run("app/root", "S")
+
+
+async def _auto_defrag_next(world, _state):
+    """The next stop of tpl/root defragments it (threshold 8, no
+    interval); the template runs, its scattered writes done."""
+    root = world.pools["main"].root
+    settings.store(root, settings.DEFRAG_THRESHOLD, "8")
+    settings.store(root, settings.DEFRAG_INTERVAL, "0")
+    await world.start_write("tpl/root", "A")
+
+
+async def _stop_and_settle(world, _state):
+    """A stop and the background work it asks for (the defragmentation)."""
+    await world.vols["tpl/root"].stop()
+    await world.wait_background()
+
+
+_simple(
+    "defrag",
+    [TPL_ROOT],
+    _build_fragmented,
+    _defrag,
+    target="tpl/root",
+)
+_simple(
+    "defrag_with_snapshots",
+    [TPL_ROOT, APP_ROOT],
+    _then(_build_fragmented, _app_ready),
+    _defrag,
+    target="tpl/root",
+)
+_simple(
+    "stop_auto_defrag",
+    [TPL_ROOT],
+    _then(_build_fragmented, _auto_defrag_next),
+    _stop_and_settle,
+    target="tpl/root",
+)
 
 
 # resize

@@ -47,6 +47,10 @@ class Mutant(NamedTuple):
     #: a durability fault: the disk with every write replayed must be
     #: whole, so that the loss is the missing flush, not the replay
     durability: bool = True
+    #: pytest node ids that must fail against the mutant instead (claims
+    #: the power-cut harness does not see: sharing, what a concurrent
+    #: start gets)
+    tests: tuple = ()
 
 
 MUTANTS = (
@@ -113,6 +117,76 @@ MUTANTS = (
             ),
         ),
         (("ext4", "import_data_end_true"),),
+    ),
+    Mutant(
+        "defrag-shares-without-the-kernel-comparing",
+        "a defragmentation never changes a byte: data that differs from "
+        "what the extent maps suggested is left as it is",
+        (
+            (
+                "fileops.py",
+                "            fcntl.ioctl(src_fd, FIDEDUPERANGE, buf)\n",
+                "            fcntl.ioctl(dst_fd, 0x4020940D, struct.pack("
+                '"=qQQQ", src_fd, src_offset + done, length - done, '
+                "offset + done))\n"
+                "            _DEDUPE_INFO.pack_into(buf, _DEDUPE_RANGE.size, "
+                "dst_fd, offset + done, length - done, 0, 0)\n",
+            ),
+            (
+                "defrag.py",
+                "    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)",
+                "    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)",
+            ),
+        ),
+        (),
+        tests=(
+            "tests/test_defrag.py::"
+            "test_a_sharer_written_meanwhile_keeps_what_was_written",
+        ),
+    ),
+    Mutant(
+        "defrag-leaves-the-sharers-on-the-old-extents",
+        "after a defragmentation the pool takes no more space: what shared "
+        "the image shares its new extents",
+        (
+            (
+                "defrag.py",
+                "self.every_share = every_share\n",
+                "self.maps[1:] = []\n        self.every_share = every_share\n",
+            ),
+        ),
+        (),
+        tests=(
+            "tests/test_defrag.py::"
+            "test_defrag_rewrites_and_keeps_everything_shared",
+        ),
+    ),
+    Mutant(
+        "defrag-goes-on-after-a-start",
+        "a start that arrives during a defragmentation ends its work on "
+        "the volume",
+        (
+            (
+                "defrag.py",
+                "        if self.should_stop(job.plan.vid):\n"
+                '            return "the volume started"\n'
+                "        current",
+                "        current",
+            ),
+            (
+                "defrag.py",
+                "            if self.should_stop(job.plan.vid):\n"
+                '                return "the volume started"\n',
+                "",
+            ),
+        ),
+        (),
+        tests=(
+            "tests/test_defrag.py::"
+            "test_a_start_during_the_tool_is_served_and_ends_the_work",
+            "tests/test_defrag.py::"
+            "test_a_start_is_not_kept_waiting_by_a_background_defrag",
+        ),
     ),
 )
 
@@ -202,8 +276,46 @@ def caught(result, driver_dir, durability):
     )
 
 
+def run_tests(driver_dir, node_ids):
+    """Whether every test of `node_ids` fails against the driver of
+    `driver_dir`: pytest in a Python started without site (the editable
+    install of the checkout would come first), that copy first on the
+    path, checked to be the one imported."""
+    with tempfile.TemporaryDirectory() as scratch:
+        view = hosts.site_view_without_project(
+            sys.executable, os.path.join(scratch, "site")
+        )
+        for node_id in node_ids:
+            boot = (
+                "import site, sys\n"
+                f"sys.path[:0] = [{driver_dir!r}, {HERE!r}]\n"
+                f"site.addsitedir({view!r})\n"
+                "import pytest, qubes_reflink\n"
+                f"assert qubes_reflink.__file__.startswith({driver_dir!r})\n"
+                "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', "
+                f"{node_id!r}]))\n"
+            )
+            proc = subprocess.run(
+                [sys.executable, "-S", "-c", boot],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
+            if proc.returncode != 1:  # 1: tests ran and failed
+                return False
+    return True
+
+
 def hunt(mutant, fast):
     """(caught by (fstype, op) or None, campaigns run)."""
+    if mutant.tests:
+        with tempfile.TemporaryDirectory(prefix="mutant-") as directory:
+            driver_dir = mutated_copy(mutant, directory)
+            if run_tests(driver_dir, mutant.tests):
+                return ("tests", ", ".join(mutant.tests)), len(mutant.tests)
+            return None, len(mutant.tests)
     campaigns = list(mutant.first)
     if not fast:
         campaigns += [

@@ -176,6 +176,16 @@ def test_crash_at_every_step(crash_runs, fstype, op):
     assert result["points"] >= result["steps"] > 0
 
 
+@pytest.mark.parametrize(
+    "op", [name for name in OPS if "defrag" in name]
+)
+@pytest.mark.parametrize("fstype", ["xfs"])
+def test_defrag_crash_at_every_step_on_xfs(crash_runs, fstype, op):
+    """XFS frees what nothing refers to block by block, where btrfs keeps
+    a whole extent: the defragmentation's other half, at every step."""
+    test_crash_at_every_step(crash_runs, fstype, op)
+
+
 def test_every_host_operation_has_scenarios():
     """Each mutating host call of the issue is covered by a scenario."""
     prefixes = (

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from helpers import FakeVM, committed, new_pool, origin, snapshot
-from qubes_reflink import cli, defrag, extents, fileops, settings
+from qubes_reflink import cli, defrag, extents, fileops, layout, settings
 
 MIB = 1024**2
 BLOCK = 4096
@@ -207,6 +207,37 @@ async def test_a_start_during_the_tool_is_served_and_ends_the_work(pool):
     with open(committed(tpl), "rb") as one, open(tpl.path, "rb") as two:
         assert one.read() == two.read()  # the start got the committed data
     await tpl.stop()
+
+
+async def test_a_sharer_written_meanwhile_keeps_what_was_written(pool):
+    """The extent maps only suggest where to share: a sharer written after
+    they were read (a spare a start took, its VM writing) differs there,
+    and the kernel's comparison leaves it as written."""
+    tpl = await aged(pool, rounds=2)
+    the_plan = defrag.plan(pool.root, tpl.vid)
+    [spare] = layout.VolumeFiles(pool.root, tpl.vid).scan().spares.values()
+    written = b"written meanwhile" * 240
+    offsets = [0, 5 * MIB, SIZE - 2 * BLOCK]
+
+    def hook(step, phase, _paths):
+        if step == "dedupe" and phase == "before" and offsets:
+            fd = os.open(spare, os.O_WRONLY)
+            for offset in offsets:
+                os.pwrite(fd, written, offset)
+            os.close(fd)
+            offsets.clear()
+
+    previous = fileops.set_step_hook(hook)
+    try:
+        runner = defrag.Defragmenter(pool.root)
+        result = await asyncio.to_thread(runner.run, the_plan)
+    finally:
+        fileops.set_step_hook(previous)
+    assert result.abandoned == "" and result.differed > 0
+    with open(spare, "rb") as image:
+        for offset in (0, 5 * MIB, SIZE - 2 * BLOCK):
+            image.seek(offset)
+            assert image.read(len(written)) == written
 
 
 # -- in the background, after a stop ---------------------------------------
