@@ -215,7 +215,7 @@ def find_sharers(pool_dir, path, target):
     """The image files of the pool (`SHARER_KINDS`) that share extents
     with `path` (extent map `target`) at the same offsets."""
     own = os.stat(path)
-    found = []
+    found, seen = [], [target]
     for _vid, kind, other in inspect.pool_images(pool_dir):
         if kind not in SHARER_KINDS:
             continue
@@ -225,8 +225,14 @@ def find_sharers(pool_dir, path, target):
             other_extents = extents.file_extents(other)
         except layout.VANISHED:
             continue
-        if _same_offset_shares(target, other_extents):
-            found.append(Sharer(other, other_extents))
+        if not _same_offset_shares(target, other_extents):
+            continue
+        # one copy of each distinct map: forty ready snapshots of a
+        # template map what its snapbase maps
+        known = next((m for m in seen if m == other_extents), None)
+        if known is None:
+            seen.append(other_extents)
+        found.append(Sharer(other, known or other_extents))
     return found
 
 
@@ -236,7 +242,7 @@ class Share(NamedTuple):
 
     start: int
     length: int
-    files: frozenset  # indices into the run's files; 0 is the image
+    files: frozenset  # indices of the distinct maps; 0 is the image's
 
 
 def shares(maps, window):
@@ -287,8 +293,17 @@ class _Job:
     def __init__(self, stack, the_plan, sharers, every_share):
         self.plan = the_plan
         self.paths = [the_plan.path] + [s.path for s in sharers]
-        self.maps = [extents.file_extents(the_plan.path)]
-        self.maps += [s.extents for s in sharers]
+        #: the distinct extent maps (the image's first) and which map
+        #: each file has: a template's spare, snapbase and the ready
+        #: snapshots of its AppVMs all map what it maps, and the window's
+        #: shares are worked out once for all of them
+        self.maps, self.map_of = [], []
+        for extent_list in [extents.file_extents(the_plan.path)] + [
+            s.extents for s in sharers
+        ]:
+            if extent_list not in self.maps:
+                self.maps.append(extent_list)
+            self.map_of.append(self.maps.index(extent_list))
         self.fds = [_open(stack, path) for path in self.paths]
         self.identity = os.fstat(self.fds[0])
         self.tmp = fileops.open_unnamed(os.path.dirname(the_plan.path))
@@ -406,7 +421,7 @@ class Defragmenter:
             elif job.every_share:
                 offset = job.place(share.length)
                 placed.append((offset, share))
-                reader = min(share.files)
+                reader = job.map_of.index(min(share.files))
                 by_reader.setdefault(reader, []).append(
                     (share.start, offset, share.length)
                 )
@@ -420,8 +435,11 @@ class Defragmenter:
     def _share_window(self, job, window, placed):
         """Make the image, then its sharers, use the new extents; why it
         stopped early, or ""."""
-        for index in range(len(job.paths)):
-            ranges = _ranges_of(index, placed)
+        by_map = {}
+        for index, map_index in enumerate(job.map_of):
+            if map_index not in by_map:
+                by_map[map_index] = _ranges_of(map_index, placed)
+            ranges = by_map[map_index]
             if ranges:
                 fileops.prefetch(job.fds[index], window.start, WINDOW)
             for source, offset, length in ranges:
@@ -453,9 +471,9 @@ class Defragmenter:
 
 
 def _ranges_of(index, placed):
-    """(source, offset, length) of file `index` among the `placed`
-    shares, merged where both sides are contiguous: fewer, longer dedupe
-    calls, and fewer extent records in the file."""
+    """(source, offset, length) of the files of map `index` among the
+    `placed` shares, merged where both sides are contiguous: fewer,
+    longer dedupe calls, and fewer extent records in the file."""
     ranges = []
     for source, share in sorted(placed, key=lambda item: item[1].start):
         if index not in share.files:
@@ -504,7 +522,7 @@ def last_done(pool_dir, vid):
 def record_done(pool_dir, vid):
     """Note that `vid` was defragmented now."""
     files = layout.VolumeFiles(pool_dir, vid)
-    stamp = f"{time.time():.0f}".encode()
+    stamp = str(int(time.time())).encode()  # never in the future
     fileops.set_attribute(files.directory, files.defrag_attribute, stamp)
 
 

@@ -824,9 +824,9 @@ async def _defrag(world, _state):
     the_plan = defrag.plan(root, vid)
     # ext4 writes in place: nothing fragmented, nothing to do
     assert the_plan.windows or the_plan.excess == 0, "nothing to defragment"
-    defrag.Defragmenter(
-        root, lambda v: defrag.volume_running(root, v)
-    ).run(the_plan)
+    defrag.Defragmenter(root, lambda v: defrag.volume_running(root, v)).run(
+        the_plan
+    )
 
 
 async def _app_ready(world, _state):

@@ -176,9 +176,7 @@ def test_crash_at_every_step(crash_runs, fstype, op):
     assert result["points"] >= result["steps"] > 0
 
 
-@pytest.mark.parametrize(
-    "op", [name for name in OPS if "defrag" in name]
-)
+@pytest.mark.parametrize("op", [name for name in OPS if "defrag" in name])
 @pytest.mark.parametrize("fstype", ["xfs"])
 def test_defrag_crash_at_every_step_on_xfs(crash_runs, fstype, op):
     """XFS frees what nothing refers to block by block, where btrfs keeps
