@@ -30,10 +30,10 @@ contiguously and keeps everything shared that was shared:
    same.
 
 It holds no lock: a start, stop or export of the volume works meanwhile
-(each waits at most for one FIDEDUPERANGE call, `CHUNK` bytes, on a file
-it uses), and `should_stop` is asked between calls: the volume's start
-(or the commit of a new image) abandons the work, leaving whatever was
-done, which is data-identical, in place.
+(each waits at most for one FIDEDUPERANGE call, `CHUNK` or `BTRFS_CHUNK`
+bytes, on a file it uses), and `should_stop` is asked between calls: the
+volume's start (or the commit of a new image) abandons the work, leaving
+whatever was done, which is data-identical, in place.
 """
 
 import contextlib
@@ -53,9 +53,18 @@ MIB = 1024**2
 #: Rewritten at once; btrfs's largest extent is 128 MiB, its dedupe
 #: works in 16 MiB pieces: 32 windows of 1 to 2 extents per GiB.
 WINDOW = 32 * MIB
-#: Longest FIDEDUPERANGE call: what a rename or clone of the same file
-#: may have to wait for.
-CHUNK = 16 * MIB
+#: Longest FIDEDUPERANGE call: what a rename, clone or fsync of the same
+#: file may have to wait for.  XFS remaps extent by extent, a transaction
+#: each, and merges adjacent mappings: short calls cost it no extents and
+#: keep other files' fsyncs from queueing behind thousands of
+#: transactions (a start beside a defragmentation took 22 x its median
+#: with 16 MiB calls).  btrfs shares in 16 MiB pieces whatever the call,
+#: each piece a file extent record of its own: shorter calls would leave
+#: more records, and slower clones.
+CHUNK = 1 * MIB
+BTRFS_CHUNK = 16 * MIB
+#: Data written anew between two fdatasyncs (XFS).
+WRITE_BURST = 4 * MIB
 #: Extents beyond its contiguous pieces that make a window worth it.
 WORTH = 2
 #: Rewritten bytes between two commits of the filesystem, which free the
@@ -292,6 +301,10 @@ class _Job:
     # pylint: disable=too-few-public-methods
     def __init__(self, stack, the_plan, sharers, every_share):
         self.plan = the_plan
+        self.fds = [_open(stack, the_plan.path)]
+        # qubesd takes spares and discards revisions meanwhile: a sharer
+        # gone since it was found has nothing left to share
+        sharers = [s for s in sharers if _open_into(stack, s.path, self.fds)]
         self.paths = [the_plan.path] + [s.path for s in sharers]
         #: the distinct extent maps (the image's first) and which map
         #: each file has: a template's spare, snapbase and the ready
@@ -304,7 +317,6 @@ class _Job:
             if extent_list not in self.maps:
                 self.maps.append(extent_list)
             self.map_of.append(self.maps.index(extent_list))
-        self.fds = [_open(stack, path) for path in self.paths]
         self.identity = os.fstat(self.fds[0])
         self.tmp = fileops.open_unnamed(os.path.dirname(the_plan.path))
         stack.callback(os.close, self.tmp)
@@ -340,16 +352,24 @@ class Defragmenter:
         self.pool_dir = pool_dir
         self.should_stop = should_stop or (lambda vid: False)
         self.progress = progress or (lambda done, total: None)
-        self.every_share = btrfs.space(pool_dir) is not None
+        on_btrfs = btrfs.space(pool_dir) is not None
+        self.every_share = on_btrfs
+        self.chunk = BTRFS_CHUNK if on_btrfs else CHUNK
 
     def run(self, the_plan):
         """Carry out `the_plan`; a `Result`."""
         abandoned, job = "", None
         if the_plan.windows:
             with contextlib.ExitStack() as stack:
-                job = self._job(stack, the_plan)
+                try:
+                    job = self._job(stack, the_plan)
+                except layout.VANISHED:
+                    return self._gone(the_plan)
                 abandoned = self._rewrite(job)
-        after = len(extents.file_extents(the_plan.path))
+        try:
+            after = len(extents.file_extents(the_plan.path))
+        except layout.VANISHED:  # the volume was removed meanwhile
+            after = 0
         if not abandoned:
             record_done(self.pool_dir, the_plan.vid)
         result = Result(
@@ -363,7 +383,19 @@ class Defragmenter:
             abandoned,
         )
         log.info("defragmented %s: %s", the_plan.path, result)
+        if job and job.sharers:
+            log.info(
+                "files now on the new extents of %s: %s",
+                the_plan.path,
+                ", ".join(sorted(job.sharers)),
+            )
         return result
+
+    def _gone(self, the_plan):
+        """The `Result` for an image gone (replaced) before the work."""
+        log.info("%s was replaced before its defragmentation", the_plan.path)
+        abandoned = "a new image was committed"
+        return Result(the_plan.vid, the_plan.extents, 0, 0, 0, 0, 0, abandoned)
 
     def _job(self, stack, the_plan):
         target = extents.file_extents(the_plan.path)
@@ -378,7 +410,7 @@ class Defragmenter:
             if why:
                 return why
             placed = self._write_window(job, window)
-            why = self._share_window(job, window, placed)
+            why = self._share_window(job, placed)
             if why:
                 return why
             for fd in job.fds + [job.tmp]:
@@ -406,13 +438,16 @@ class Defragmenter:
         """Write the window's data into the unnamed file, durably: the
         image's at its own offsets, the other shares (`every_share`)
         after the end; (unnamed-file offset, Share) of each share."""
-        fileops.rewrite_regions(
-            job.fds[0],
-            job.tmp,
-            [(offset, offset, length) for offset, length in window.regions],
-            job.plan.path,
-            "(new extents)",
-        )
+        # written and made durable a burst at a time: a file's fsync
+        # beside waits for the device's queue, which no I/O priority
+        # orders on a loop device or NVMe (btrfs: one burst, as each
+        # writeback of it would be an extent record of its own)
+        burst = WINDOW if self.chunk == BTRFS_CHUNK else WRITE_BURST
+        for piece in _bursts(window.regions, burst):
+            fileops.rewrite_regions(
+                job.fds[0], job.tmp, [piece], job.plan.path, "(new extents)"
+            )
+            fileops.fdatasync(job.tmp, "(new extents)")
         placed = []
         by_reader = {}
         for share in shares(job.maps, window):
@@ -432,7 +467,7 @@ class Defragmenter:
         fileops.fdatasync(job.tmp, "(new extents)")
         return placed
 
-    def _share_window(self, job, window, placed):
+    def _share_window(self, job, placed):
         """Make the image, then its sharers, use the new extents; why it
         stopped early, or ""."""
         by_map = {}
@@ -440,8 +475,6 @@ class Defragmenter:
             if map_index not in by_map:
                 by_map[map_index] = _ranges_of(map_index, placed)
             ranges = by_map[map_index]
-            if ranges:
-                fileops.prefetch(job.fds[index], window.start, WINDOW)
             for source, offset, length in ranges:
                 why = self._dedupe(job, index, source, offset, length)
                 if why:
@@ -450,11 +483,12 @@ class Defragmenter:
 
     def _dedupe(self, job, index, source, offset, length):
         """Share `length` bytes of the unnamed file at `source` with file
-        `index` at `offset`, in `CHUNK`s; why it stopped early, or ""."""
-        for step in range(0, length, CHUNK):
+        `index` at `offset`, in chunks; why it stopped early, or ""."""
+        for step in range(0, length, self.chunk):
             if self.should_stop(job.plan.vid):
                 return "the volume started"
-            size = min(CHUNK, length - step)
+            size = min(self.chunk, length - step)
+            fileops.prefetch(job.fds[index], offset + step, size)
             shared = _dedupe(
                 job.tmp,
                 source + step,
@@ -468,6 +502,14 @@ class Defragmenter:
                 job.shared += shared
                 job.sharers.add(job.paths[index])
         return ""
+
+
+def _bursts(regions, size):
+    """(offset, offset, length) moves of `regions`, at most `size` each."""
+    for offset, length in regions:
+        for start in range(offset, offset + length, size):
+            piece = min(size, offset + length - start)
+            yield (start, start, piece)
 
 
 def _ranges_of(index, placed):
@@ -494,6 +536,16 @@ def _open(stack, path):
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     stack.callback(os.close, fd)
     return fd
+
+
+def _open_into(stack, path, fds):
+    """Append a read-only descriptor of `path` to `fds`; False if the file
+    is gone."""
+    try:
+        fds.append(_open(stack, path))
+    except layout.VANISHED:
+        return False
+    return True
 
 
 def _dedupe(tmp_fd, source, fd, offset, size, path):

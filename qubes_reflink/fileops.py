@@ -2,8 +2,10 @@
 
 Everything the driver does to a file goes through here: reflink clones
 (FICLONE) with a sparse-copy fallback, atomic publication (temporary name,
-fsync, rename, directory fsync), durable renames, links and removals, and
-loop device capacity updates.  Each primitive logs what it did at INFO, so
+fsync, rename, directory fsync), durable renames, links and removals,
+loop device capacity updates, and for defragmentation unnamed files
+(O_TMPFILE), plain rewrites and FIDEDUPERANGE (which changes which extents
+a file uses, never its bytes).  Each primitive logs what it did at INFO, so
 ``journalctl -fu qubesd`` shows every file created, cloned, copied, renamed
 or removed.
 

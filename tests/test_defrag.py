@@ -240,6 +240,32 @@ async def test_a_sharer_written_meanwhile_keeps_what_was_written(pool):
             assert image.read(len(written)) == written
 
 
+async def test_files_gone_meanwhile_are_left_out(pool, monkeypatch):
+    """qubesd takes spares and discards revisions while the tool works: a
+    sharer gone after it was found is skipped, and an image replaced
+    before the work began ends it with what it was."""
+    tpl = await aged(pool, rounds=2)
+    the_plan = defrag.plan(pool.root, tpl.vid)
+    [spare] = layout.VolumeFiles(pool.root, tpl.vid).scan().spares.values()
+    found = defrag.find_sharers
+
+    def then_the_spare_goes(*args):
+        sharers = found(*args)
+        os.unlink(spare)
+        return sharers
+
+    monkeypatch.setattr(defrag, "find_sharers", then_the_spare_goes)
+    before = contents(pool.root)
+    del before[spare]
+    result = defrag.Defragmenter(pool.root).run(the_plan)
+    assert result.abandoned == "" and result.sharers == 2  # the revisions
+    assert contents(pool.root) == before
+    monkeypatch.setattr(defrag, "find_sharers", found)
+    os.unlink(committed(tpl))  # as if renamed away by a commit
+    result = defrag.Defragmenter(pool.root).run(the_plan)
+    assert result.abandoned == "a new image was committed"
+
+
 # -- in the background, after a stop ---------------------------------------
 
 
