@@ -282,6 +282,9 @@ class TC_10_Pool(HostCase):
                 "setup_check": "True",
                 "ephemeral_volatile": "False",
                 "keep_revision_older_than": "0",
+                "auto_defrag": "True",
+                "defrag_threshold": "2048",
+                "defrag_interval": "86400",
             },
         )
         self.assertEqual(pool.included_in(self.app), None)

@@ -404,7 +404,7 @@ async def test_stale_origin_spare_planted_by_hand(reflink_dir):
     vol = await stopped_origin(pool, FakeVM("work"), data=OLD)
     vol_dir = os.path.dirname(vol.path)
     (old_spare,) = spares_of(vol_dir, "private")
-    keep = os.path.join(reflink_dir, "old-contents")
+    keep = os.path.join(pool.root, "old-contents")  # same subvolume
     shutil.copyfile(old_spare, keep)
 
     await vol.start()

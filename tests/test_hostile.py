@@ -147,6 +147,9 @@ class World:
 
     async def build(self):
         """Create the pool and the volumes, commit some data, settle."""
+        # a directory, not the subvolume setup() makes of a new dir_path
+        # on btrfs: hard links from outside could not be planted into that
+        os.mkdir(os.path.join(self.base, "pool"))
         self.pool = await new_pool(self.base, revisions_to_keep="2")
         self.volumes(self.pool)
         for volume in (self.tpl, self.private, self.volatile, self.root):

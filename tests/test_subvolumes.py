@@ -511,7 +511,11 @@ async def test_dir_path_a_subvolume_or_a_mount_point(btrfs_dir, kind):
     top = os.path.join(btrfs_dir, "top")
     if kind == "subvolume":
         btrfs.create(top)
-        cleanup = lambda: btrfs.destroy(top)  # noqa: E731
+
+        def cleanup():  # the pool's own subvolume first (setup() made it)
+            btrfs.destroy(os.path.join(top, "pool"))
+            btrfs.destroy(top)
+
     else:
         os.mkdir(top)
         device = subprocess.run(
