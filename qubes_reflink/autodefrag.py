@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from . import btrfs, defrag, layout
+from . import btrfs, defrag, fileops, layout
 
 log = logging.getLogger("qubes.storage.reflink")
 
@@ -91,7 +91,7 @@ class AutoDefrag:
         if the_plan.excess < self._pool.defrag_threshold:
             return
         need = defrag.space_needed([the_plan], btrfs.space(root) is not None)
-        if defrag.free_space(root) < need:
+        if fileops.free_space(root) < need:
             log.warning(
                 "not defragmenting %s: it needs %d bytes free, the pool has "
                 "less",

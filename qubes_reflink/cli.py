@@ -196,7 +196,7 @@ def cmd_defrag(args, out):
     pool_dir = _existing_dir(args.pool_dir)
     plans, skipped = defrag.plan_pool(pool_dir, args.vids)
     need = defrag.space_needed(plans, btrfs.space(pool_dir) is not None)
-    free = defrag.free_space(pool_dir)
+    free = fileops.free_space(pool_dir)
     report = {
         "pool_dir": pool_dir,
         "space_needed": need,
@@ -742,18 +742,18 @@ def build_parser():
         "space per volume and revision: allocated, shared, exclusive",
         cmd_du,
     )
-    du.add_argument("pool_dir", help="the pool's dir_path")
-    du.add_argument(
-        "vids",
-        nargs="*",
-        metavar="VID",
-        help="only these volumes (appvms/VM/VOLUME, ...)",
-    )
+    _pool_and_vids(du, "only these volumes (appvms/VM/VOLUME, ...)")
     _add_defrag(subparsers)
     _add_fsck(subparsers)
     _add_revisions(subparsers)
     _add_migrate(subparsers)
     return parser
+
+
+def _pool_and_vids(parser, vids_help):
+    """POOL_DIR [VID...]"""
+    parser.add_argument("pool_dir", help="the pool's dir_path")
+    parser.add_argument("vids", nargs="*", metavar="VID", help=vids_help)
 
 
 def _add_check(subparsers):
@@ -786,13 +786,7 @@ def _add_defrag(subparsers):
         "qubesd runs; a volume that starts is left for later)",
         cmd_defrag,
     )
-    parser.add_argument("pool_dir", help="the pool's dir_path")
-    parser.add_argument(
-        "vids",
-        nargs="*",
-        metavar="VID",
-        help="only these volumes (default: every fragmented one)",
-    )
+    _pool_and_vids(parser, "only these volumes (default: every fragmented one)")
     parser.add_argument(
         "-n",
         "--dry-run",

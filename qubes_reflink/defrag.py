@@ -613,19 +613,6 @@ def idle_priority():
         log.debug("ioprio_set: %s", os.strerror(ctypes.get_errno()))
 
 
-def free_space(path):
-    """Bytes an unprivileged writer could still allocate on the
-    filesystem of `path`, once what it freed is committed (btrfs counts
-    freed extents, and allocations, only then)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fileops.commit_filesystem(fd)
-        stats = os.fstatvfs(fd)
-    finally:
-        os.close(fd)
-    return stats.f_bavail * stats.f_frsize
-
-
 def committed_vids(pool_dir):
     """The vids of the pool that have a committed image."""
     return sorted(

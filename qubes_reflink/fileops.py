@@ -199,20 +199,26 @@ def _send_range(src_fd, dst_fd, offset, end):
     return offset
 
 
-def _write_range(src_fd, dst_fd, offset, end, buffer):
-    """Plain read/write of what neither copy_file_range nor sendfile could
-    do, through one reused `buffer` (a memoryview): a new bytes object per
-    read costs an mmap and page faults each time."""
-    while offset < end:
+def _write_range(src_fd, dst_fd, src_offset, dst_offset, length, buffer):
+    """Plain read/write of `length` bytes (what neither copy_file_range nor
+    sendfile could do, or what must not share extents), through one reused
+    `buffer` (a memoryview): a new bytes object per read costs an mmap and
+    page faults each time."""
+    done = 0
+    while done < length:
         count = os.preadv(
-            src_fd, [buffer[: min(len(buffer), end - offset)]], offset
+            src_fd,
+            [buffer[: min(len(buffer), length - done)]],
+            src_offset + done,
         )
         if not count:
             break
-        done = 0
-        while done < count:
-            done += os.pwrite(dst_fd, buffer[done:count], offset + done)
-        offset += count
+        written = 0
+        while written < count:
+            written += os.pwrite(
+                dst_fd, buffer[written:count], dst_offset + done + written
+            )
+        done += count
 
 
 def _sparse_copy(src_fd, dst_fd, src, dst):
@@ -238,7 +244,9 @@ def _sparse_copy(src_fd, dst_fd, src, dst):
             done = _copy_range(src_fd, dst_fd, offset, length)
             if done < offset + length:
                 done = _send_range(src_fd, dst_fd, done, offset + length)
-            _write_range(src_fd, dst_fd, done, offset + length, buffer)
+            _write_range(
+                src_fd, dst_fd, done, done, offset + length - done, buffer
+            )
     log.info("copied %s to %s (sparse copy, no reflink)", src, dst)
 
 
@@ -585,6 +593,19 @@ def filesystem_usage(path):
     return size, size - stats.f_bfree * stats.f_frsize
 
 
+def free_space(path):
+    """Bytes an unprivileged writer could still allocate on the
+    filesystem of `path`, once what it freed is committed (btrfs counts
+    freed extents, and allocations, only then)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        commit_filesystem(fd)
+        stats = os.fstatvfs(fd)
+    finally:
+        os.close(fd)
+    return stats.f_bavail * stats.f_frsize
+
+
 def _kernel_dev(encoded):
     """(major, minor) of a dev_t in the kernel's new encoding."""
     return (encoded & 0xFFF00) >> 8, (encoded & 0xFF) | (
@@ -703,26 +724,8 @@ def rewrite_regions(src_fd, dst_fd, moves, src, dst):
     buffer = memoryview(bytearray(WRITE_BUFFER))
     with step("write", src, dst):
         for src_offset, dst_offset, length in moves:
-            _copy_to(src_fd, dst_fd, src_offset, dst_offset, length, buffer)
+            _write_range(src_fd, dst_fd, src_offset, dst_offset, length, buffer)
     log.debug("rewrote %d ranges of %s into %s", len(moves), src, dst)
-
-
-def _copy_to(src_fd, dst_fd, src_offset, dst_offset, length, buffer):
-    done = 0
-    while done < length:
-        count = os.preadv(
-            src_fd,
-            [buffer[: min(len(buffer), length - done)]],
-            src_offset + done,
-        )
-        if not count:
-            break
-        written = 0
-        while written < count:
-            written += os.pwrite(
-                dst_fd, buffer[written:count], dst_offset + done + written
-            )
-        done += count
 
 
 def fdatasync(fd, path):

@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 
-from qubes_reflink import ReflinkPool, extents
+from qubes_reflink import ReflinkPool, cli, extents
 
 MIB = 1024**2
 
@@ -145,3 +145,15 @@ def report_summary(request, path, results, lines):
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print("\n".join(lines))
+
+
+def run_tool(capsys, *argv):
+    """(exit code, stdout) of qubes-reflink with `argv`, in this process."""
+    code = cli.main([str(arg) for arg in argv])
+    return code, capsys.readouterr().out
+
+
+def run_tool_json(capsys, *argv):
+    """(exit code, parsed --json output) of qubes-reflink, in-process."""
+    code, out = run_tool(capsys, "--json", *argv)
+    return code, json.loads(out)

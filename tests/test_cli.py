@@ -5,7 +5,6 @@ leftovers a crash or an old driver would leave; the tool's answers are
 checked against the files on disk and, for du, against btrfs-progs.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from conftest import fstype_of
 from helpers import MIB, FakeVM, new_pool, origin, snapshot, write_image, tree
+from helpers import run_tool, run_tool_json
 from qubes_reflink import cli, layout, output
 
 TMP = "private.img~tmp.3f9c2a7be1d04c55"
@@ -22,16 +22,8 @@ EXPORT = "private.img~export.9d1e6b0c4a2f7e31"
 OLD_SPARE = "private.img~spare.1234-1700000000000000000-33554432"
 
 
-def run(capsys, *argv):
-    """(exit code, stdout) of qubes-reflink with `argv`, in this process."""
-    code = cli.main([str(arg) for arg in argv])
-    return code, capsys.readouterr().out
-
-
-def run_json(capsys, *argv):
-    """(exit code, parsed --json output)."""
-    code, out = run(capsys, "--json", *argv)
-    return code, json.loads(out)
+run = run_tool
+run_json = run_tool_json
 
 
 async def make_pool(top):

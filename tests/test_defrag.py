@@ -11,14 +11,15 @@ new extents.
 
 import asyncio
 import hashlib
-import json
 import os
 import random
 import threading
 
 import pytest
 
-from helpers import FakeVM, committed, new_pool, origin, snapshot
+from helpers import FakeVM, committed, new_pool, origin, run_tool_json
+from helpers import snapshot
+from qubes_reflink.host import StoragePoolException
 from qubes_reflink import cli, defrag, extents, fileops, layout, settings
 
 MIB = 1024**2
@@ -84,11 +85,6 @@ def allocated(root):
     return extents.total_usage(pool_files(root)).allocated
 
 
-def run_cli(capsys, *argv):
-    code = cli.main(["--json", *argv])
-    return code, json.loads(capsys.readouterr().out)
-
-
 @pytest.fixture
 async def pool(reflink_dir):
     the_pool = await new_pool(reflink_dir, auto_defrag="False")
@@ -114,7 +110,7 @@ async def test_defrag_rewrites_and_keeps_everything_shared(pool, capsys):
     fragmented = len(extents.file_extents(committed(tpl)))
     assert fragmented > 500
 
-    code, report = run_cli(capsys, "defrag", pool.root)
+    code, report = run_tool_json(capsys, "defrag", pool.root)
 
     assert code == 0 and not report["refused"]
     [result] = report["results"]
@@ -130,7 +126,7 @@ async def test_defrag_rewrites_and_keeps_everything_shared(pool, capsys):
 async def test_dry_run_says_what_it_would_do_and_changes_nothing(pool, capsys):
     tpl = await aged(pool, rounds=3)
     before = contents(pool.root)
-    code, report = run_cli(capsys, "defrag", "--dry-run", pool.root)
+    code, report = run_tool_json(capsys, "defrag", "--dry-run", pool.root)
     assert code == 0 and report["results"] == []
     [facts] = report["volumes"]
     assert facts["vid"] == tpl.vid
@@ -144,13 +140,13 @@ async def test_dry_run_says_what_it_would_do_and_changes_nothing(pool, capsys):
 async def test_refused_when_the_free_space_is_not_there(pool, capsys):
     await aged(pool, rounds=3)
     before = contents(pool.root)
-    code, report = run_cli(capsys, "defrag", "--dry-run", pool.root)
+    code, report = run_tool_json(capsys, "defrag", "--dry-run", pool.root)
     filler = os.path.join(os.path.dirname(pool.root), "filler")
     room = report["space_free"] - report["space_needed"] // 2
     with open(filler, "wb") as fill:
         os.posix_fallocate(fill.fileno(), 0, room)
     try:
-        code, report = run_cli(capsys, "defrag", pool.root)
+        code, report = run_tool_json(capsys, "defrag", pool.root)
     finally:
         os.unlink(filler)
     assert code == cli.EXIT_NO and report["refused"]
@@ -162,7 +158,7 @@ async def test_running_volume_and_unknown_volume(pool, capsys):
     tpl = await aged(pool, rounds=2)
     await tpl.start()
     before = contents(pool.root)
-    code, report = run_cli(capsys, "defrag", pool.root)
+    code, report = run_tool_json(capsys, "defrag", pool.root)
     assert code == 0 and report["volumes"] == []
     assert "running" in report["skipped"][tpl.vid]
     assert contents(pool.root) == before
@@ -358,6 +354,6 @@ async def test_options_are_checked_and_shown(reflink_dir):
         ("defrag_interval", "soon"),
         ("auto_defrag", "maybe"),
     ):
-        with pytest.raises(Exception, match=option):
+        with pytest.raises(StoragePoolException, match=option):
             await new_pool(reflink_dir, name="other", **{option: value})
     await pool.close()

@@ -5,7 +5,6 @@ reference where there is one."""
 
 import errno
 import fcntl
-import json
 import os
 import random
 import struct
@@ -13,17 +12,12 @@ import subprocess
 
 import pytest
 
-from helpers import FakeVM, new_pool, origin
+from helpers import FakeVM, new_pool, origin, run_tool_json
 from loopfs import loop_filesystem
 from qubes_reflink import btrfs, cli, health
 
 MIB = 1024**2
 FS_IOC_SETFLAGS = 0x40086602
-
-
-def run_json(capsys, *argv):
-    code = cli.main(["--json", *argv])
-    return code, json.loads(capsys.readouterr().out)
 
 
 def btrfs_metadata(path):
@@ -65,14 +59,14 @@ async def test_usage_details_elsewhere_is_data_only(xfs_dir):
 async def test_new_dir_path_on_btrfs_is_a_subvolume(btrfs_dir, capsys):
     pool = await new_pool(btrfs_dir)  # dir_path did not exist
     assert btrfs.is_subvolume(pool.root)
-    code, report = run_json(capsys, "check", pool.root)
+    code, report = run_tool_json(capsys, "check", pool.root)
     assert code == 0 and report["subvolume"] is True
     # an existing directory stays what it is
     existing = os.path.join(btrfs_dir, "existing")
     os.makedirs(os.path.join(existing, "pool"))
     other = await new_pool(existing, name="other")
     assert not btrfs.is_subvolume(other.root)
-    code, report = run_json(capsys, "check", other.root)
+    code, report = run_tool_json(capsys, "check", other.root)
     assert report["subvolume"] is False
     cli.main(["check", other.root])
     assert "is not a btrfs subvolume of its own" in capsys.readouterr().out
@@ -83,7 +77,7 @@ async def test_new_dir_path_on_btrfs_is_a_subvolume(btrfs_dir, capsys):
 async def test_new_dir_path_elsewhere_is_a_directory(xfs_dir, capsys):
     pool = await new_pool(xfs_dir)
     assert os.path.isdir(pool.root)
-    code, report = run_json(capsys, "check", pool.root)
+    code, report = run_tool_json(capsys, "check", pool.root)
     assert code == 0 and report["subvolume"] is None
     assert report["metadata"] is None
     await pool.close()
@@ -94,7 +88,7 @@ async def test_check_warns_about_nodatacow_images(btrfs_dir, capsys):
     vol = origin(pool, FakeVM("work"))
     await vol.create()
     path = os.path.join(pool.root, vol.vid + ".img")
-    code, report = run_json(capsys, "check", pool.root)
+    code, report = run_tool_json(capsys, "check", pool.root)
     assert report["warnings"] == []
     # an image made with +C (as a user's chattr +C directory makes them)
     os.unlink(path)
@@ -102,7 +96,7 @@ async def test_check_warns_about_nodatacow_images(btrfs_dir, capsys):
     fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=q", 0x00800000))
     os.write(fd, b"x" * MIB)
     os.close(fd)
-    code, report = run_json(capsys, "check", pool.root)
+    code, report = run_tool_json(capsys, "check", pool.root)
     assert code == 0
     [warning] = report["warnings"]
     assert warning["kind"] == "nodatacow" and path in warning["message"]
@@ -127,16 +121,16 @@ async def test_check_names_fragmented_images_and_the_command(
     os.close(fd)
     await vol.stop()
     await pool.wait_background()
-    code, report = run_json(capsys, "check", pool.root)
+    code, report = run_tool_json(capsys, "check", pool.root)
     assert code == 0 and report["warnings"] == []  # below the default
     argv = ("check", "--defrag-threshold", "100", pool.root)
-    code, report = run_json(capsys, *argv)
+    code, report = run_tool_json(capsys, *argv)
     [warning] = report["warnings"]
     assert warning["kind"] == "fragmented" and warning["vid"] == vol.vid
     assert f"qubes-reflink defrag {pool.root} {vol.vid}" in warning["message"]
     # what it says to run clears it
     assert cli.main(["-q", "defrag", pool.root, vol.vid]) == 0
-    code, report = run_json(capsys, *argv)
+    code, report = run_tool_json(capsys, *argv)
     assert report["warnings"] == []
     await pool.close()
 
@@ -177,7 +171,7 @@ def test_check_warns_when_btrfs_metadata_fills_up(capsys):
         except OSError as err:
             assert err.errno == errno.ENOSPC
         os.sync()
-        code, report = run_json(capsys, "check", mnt)
+        code, report = run_tool_json(capsys, "check", mnt)
         # the probe files may find no room left: the answer is "can't tell"
         assert (code, report["reflink"]) in ((0, True), (2, None))
         kinds = [warning["kind"] for warning in report["warnings"]]
